@@ -1,0 +1,34 @@
+# Two commands set up everything on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench lint clean schema
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,rocksdb]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the whole pipeline on embedded defaults (Tansu broker, Cordial simulator, demo account).
+run: $(STAMP)
+	$(BIN)/heapsync dev
+
+## Run the test suite (unit, property and real-chain integration tests).
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+## Run the benchmarks and print their results (see BENCHMARKS.md).
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+## Regenerate the published delta JSON Schema from the pydantic model.
+schema: $(STAMP)
+	$(BIN)/heapsync schema --write
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
