@@ -1,0 +1,161 @@
+"""Settings in one place: environment variables (``HEAPSYNC_*``) and the accounts file.
+
+Every setting has a default that runs on one machine; production overrides
+them through the environment (see README, "Settings").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from heapsync.topics import Topics
+
+ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class AccountError(ValueError):
+    """The accounts file is missing, unreadable or invalid."""
+
+
+class Account(BaseModel):
+    """One Cordial account fed by one Heap integration (one ``[accounts.<id>]`` table)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    heap_webhook_secrets: list[SecretStr] = Field(min_length=1)
+    cordial_api_key: SecretStr | None = None
+    cordial_api_key_env: str | None = None
+    cordial_base_url: str = "https://api.cordial.io/v2"
+    cordial_identity_key: str | None = Field(
+        None, description="Cordial contact key for ids that are not emails; default: the Heap field name."
+    )
+    subscribe_status: Literal["subscribed", "unsubscribed", "none"] | None = Field(
+        None, description="Only when set is subscribeStatus sent with an add; default: never touched."
+    )
+    max_concurrency: int = Field(8, ge=1)
+    rate_limit_per_second: float = Field(50.0, gt=0)
+
+    @field_validator("heap_webhook_secrets", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("cordial_base_url")
+    @classmethod
+    def _strip_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _has_key_source(self) -> Account:
+        if self.cordial_api_key is None and self.cordial_api_key_env is None:
+            raise ValueError("set cordial_api_key or cordial_api_key_env")
+        return self
+
+    def api_key(self) -> str:
+        """The Cordial API key, read from the environment when the file names a variable."""
+        if self.cordial_api_key is not None:
+            return self.cordial_api_key.get_secret_value()
+        assert self.cordial_api_key_env is not None
+        value = os.environ.get(self.cordial_api_key_env)
+        if not value:
+            raise AccountError(
+                f"account {self.id!r}: environment variable {self.cordial_api_key_env} is not set"
+            )
+        return value
+
+    def secrets(self) -> list[bytes]:
+        return [s.get_secret_value().encode() for s in self.heap_webhook_secrets]
+
+    def identity_key(self, identity_field: str) -> str:
+        """The Cordial contact key that ids of ``identity_field`` are values of."""
+        if identity_field == "email":
+            return "email"
+        return self.cordial_identity_key or identity_field
+
+
+def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AccountError(f"{source}: not valid TOML: {exc}") from exc
+    tables = doc.get("accounts")
+    if not isinstance(tables, dict) or not tables:
+        raise AccountError(f"{source}: needs at least one [accounts.<id>] table")
+    accounts: dict[str, Account] = {}
+    for account_id, table in tables.items():
+        if not re.match(ACCOUNT_ID_PATTERN, account_id):
+            raise AccountError(f"{source}: account id {account_id!r} must match {ACCOUNT_ID_PATTERN}")
+        if not isinstance(table, dict):
+            raise AccountError(f"{source}: accounts.{account_id} must be a table")
+        try:
+            accounts[account_id] = Account(id=account_id, **table)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(table)'}: {e['msg']}" for e in exc.errors()
+            )
+            raise AccountError(f"{source}: accounts.{account_id}: {problems}") from exc
+    return accounts
+
+
+def load_accounts(path: Path) -> dict[str, Account]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AccountError(f"cannot read accounts file {path}: {exc.strerror}") from exc
+    return parse_accounts(text, str(path))
+
+
+class Settings(BaseSettings):
+    """Process settings, read from ``HEAPSYNC_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="HEAPSYNC_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic_prefix: str = "heapsync"
+    topic_partitions: int = Field(6, ge=1)
+    topic_replication: int = Field(1, ge=1)
+    topic_retention_days: float = Field(14.0, gt=0)
+    accounts_file: Path = Path("accounts.toml")
+
+    # ingest
+    ingest_host: str = "127.0.0.1"
+    ingest_port: int = 8080
+    signature_max_age_seconds: float = Field(
+        3600.0, gt=0, description="How old a Heap-Hash ts may be; generous so Heap's retries pass."
+    )
+    signature_max_future_seconds: float = Field(60.0, ge=0)
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    produce_timeout_seconds: float = Field(10.0, gt=0)
+
+    # processors
+    processor_group: str = "heapsync-assembler"
+    processor_store: str = "memory://"
+    processor_data_dir: Path = Path(".heapsync/processor")
+    processor_web_port: int | None = None
+    sync_timeout_seconds: float = Field(3600.0, gt=0)
+    partial_policy: Literal["emit", "dead-letter"] = "emit"
+    delta_chunk_size: int = Field(5000, ge=1)
+
+    # sinks
+    sink_group: str = "heapsync-cordial-sink"
+    sink_max_retries: int = Field(8, ge=0)
+    sink_backoff_max_seconds: float = Field(60.0, gt=0)
+    sink_request_timeout_seconds: float = Field(30.0, gt=0)
+
+    log_level: str = "INFO"
+
+    @cached_property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    def accounts(self) -> dict[str, Account]:
+        return load_accounts(self.accounts_file)
