@@ -70,13 +70,13 @@ def sink() -> None:
     import asyncio
 
     from heapsync.kafka import ensure_topics
-    from sinks.cordial_sink import CordialSink
+    from sinks.cordial_sink import build_runner
 
     settings = _settings()
     logs.setup(settings.log_level)
     accounts = _accounts(settings)
     ensure_topics(settings)
-    asyncio.run(CordialSink(settings, accounts).run())
+    asyncio.run(build_runner(settings, accounts).run())
 
 
 @cli.command()

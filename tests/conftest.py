@@ -1,0 +1,194 @@
+"""Shared fixtures: a real Tansu broker, and the pipeline's stages as real processes.
+
+Every integration test gets its own topic prefix and consumer groups on the
+shared broker, so tests do not see each other's records. Every process a test
+starts is stopped by its pid at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib.error
+import urllib.request
+
+from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, wait_for_port
+from ingest.signature import heap_hash_header
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class HttpResult:
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 30.0) -> HttpResult:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            raw, status, hdrs = resp.read(), resp.status, dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw, status, hdrs = exc.read(), exc.code, dict(exc.headers)
+    try:
+        parsed: Any = json.loads(raw) if raw else None
+    except ValueError:
+        parsed = raw.decode(errors="replace")
+    return HttpResult(status, parsed, hdrs)
+
+
+@dataclass
+class Pipeline:
+    """One isolated heapsync deployment on the shared broker, run as real processes."""
+
+    broker: EmbeddedBroker
+    workdir: Path
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    procs: list[Proc] = field(default_factory=list)
+    ingest_port: int = field(default_factory=free_port)
+    sim_port: int = field(default_factory=free_port)
+    secret: str = "test-secret"
+    cordial_key: str = "test-cordial-key"
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    @property
+    def accounts_file(self) -> Path:
+        return self.workdir / "accounts.toml"
+
+    def write_accounts(self, text: str | None = None) -> None:
+        self.accounts_file.write_text(text or (
+            "[accounts.acme]\n"
+            f'heap_webhook_secrets = ["{self.secret}"]\n'
+            f'cordial_api_key = "{self.cordial_key}"\n'
+            f'cordial_base_url = "{self.sim_url}/v2"\n'
+        ))
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        if not self.accounts_file.exists():
+            self.write_accounts()
+        return {
+            **os.environ,
+            "HEAPSYNC_KAFKA_BOOTSTRAP": self.broker.bootstrap,
+            "HEAPSYNC_TOPIC_PREFIX": self.prefix,
+            "HEAPSYNC_TOPIC_PARTITIONS": "3",
+            "HEAPSYNC_ACCOUNTS_FILE": str(self.accounts_file),
+            "HEAPSYNC_PROCESSOR_GROUP": f"{self.prefix}-assembler",
+            "HEAPSYNC_PROCESSOR_DATA_DIR": str(self.workdir / "processor"),
+            "HEAPSYNC_SINK_GROUP": f"{self.prefix}-sink",
+            "HEAPSYNC_SINK_BACKOFF_MAX_SECONDS": "2",
+            "HEAPSYNC_LOG_LEVEL": "INFO",
+            **self.extra_env,
+            **overrides,
+        }
+
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "heapsync.cli", *args], env=env or self.env(),
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_simulator(self, *extra: str) -> Proc:
+        proc = self.start("simulator", "simulator", "--port", str(self.sim_port),
+                          "--account", f"acme={self.cordial_key}", *extra)
+        wait_for_port("127.0.0.1", self.sim_port, 30)
+        return proc
+
+    def start_ingest(self) -> Proc:
+        proc = self.start("ingest", "ingest", "--port", str(self.ingest_port))
+        wait_for_port("127.0.0.1", self.ingest_port, 30)
+        return proc
+
+    def start_all(self) -> None:
+        self.start_simulator()
+        self.start_ingest()
+        self.start("process", "process")
+        self.start("sink", "sink")
+
+    def post(self, payload: dict[str, Any] | bytes, *, account: str = "acme", secret: str | None = None,
+             ts_ms: int | None = None, encoding: str = "base64", headers: dict[str, str] | None = None) -> HttpResult:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        hdrs = {"Content-Type": "application/json",
+                "Heap-Hash": heap_hash_header((secret or self.secret).encode(),
+                                              ts_ms if ts_ms is not None else int(time.time() * 1000), raw, encoding)}
+        hdrs.update(headers or {})
+        return http("POST", f"http://127.0.0.1:{self.ingest_port}/heap/listMembership/{account}", raw, hdrs)
+
+    def lists(self) -> dict[str, list[str]]:
+        return http("GET", f"{self.sim_url}/_sim/lists").body.get("acme", {})
+
+    def wait_for_members(self, list_name: str, expected: set[str], timeout: float = 120.0) -> set[str]:
+        """Poll the simulator until the list holds exactly ``expected`` (or time runs out)."""
+        deadline = time.monotonic() + timeout
+        members: set[str] = set()
+        while time.monotonic() < deadline:
+            members = set(self.lists().get(list_name, []))
+            if members == expected:
+                return members
+            time.sleep(0.5)
+        return members
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {p.name} ({p.log.name})\n{p.output()[-4000:]}" for p in self.procs)
+
+
+@pytest.fixture
+def pipeline(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(broker, tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
