@@ -162,6 +162,9 @@ class PageRecord(BaseModel):
     request_id: str
     received_at: datetime
     payload: dict[str, Any]
+    replay_id: str | None = Field(
+        None, description="Set by `heapsync replay`: the assembler treats the page as part of a fresh sync."
+    )
 
 
 class RejectedRecord(BaseModel):
@@ -214,11 +217,38 @@ class Delta(BaseModel):
     chunks: int = Field(1, ge=1, description="How many chunks the delta has.")
     add: list[str] = Field(default_factory=list, description="Ids that must be members of the list.")
     remove: list[str] = Field(default_factory=list, description="Ids that must not be members.")
+    replay_id: str | None = Field(None, description="Set when the chunk was re-driven by `heapsync replay`.")
     emitted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @property
     def chunk_key(self) -> str:
-        return f"{self.delta_id}:{self.chunk}"
+        """Identifies a chunk across repeats; a replay is a new application, so it has its own key."""
+        base = f"{self.delta_id}:{self.chunk}"
+        return f"{base}@{self.replay_id}" if self.replay_id else base
+
+
+class AppliedChunk(BaseModel):
+    """Progress record of a sink (topic ``<prefix>.sink.progress``, compacted, key ``<sink>|<chunk_key>``).
+
+    Written after a chunk is applied; sinks read it back to recognise repeats,
+    ``heapsync status`` and the status page read it to show what was applied.
+    """
+
+    sink: str
+    chunk_key: str
+    delta_id: str
+    chunk: int
+    chunks: int
+    account: str
+    list_name: str
+    segment_id: str
+    sync_task_id: str | None
+    kind: Literal["sync", "drain"]
+    complete: bool
+    adds: int
+    removes: int
+    dead_lettered: int = 0
+    applied_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def delta_id_for(account: str, sync_key: str) -> str:

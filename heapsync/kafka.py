@@ -105,7 +105,9 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     retention_ms = str(int(settings.topic_retention_days * 86_400_000))
     t = settings.topics
     base = {"retention.ms": retention_ms, "max.message.bytes": str(16 * 1024 * 1024)}
-    return {name: dict(base) for name in t.all()}
+    configs = {name: dict(base) for name in t.all()}
+    configs[t.sink_progress] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
+    return configs
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:

@@ -152,6 +152,9 @@ class Settings(BaseSettings):
     sink_request_timeout_seconds: float = Field(30.0, gt=0)
 
     log_level: str = "INFO"
+    metrics_port: int | None = Field(
+        None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."
+    )
 
     @cached_property
     def topics(self) -> Topics:

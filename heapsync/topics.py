@@ -34,5 +34,10 @@ class Topics:
         """Cordial operations that failed for good."""
         return f"{self.prefix}.sink.dlq"
 
+    @property
+    def sink_progress(self) -> str:
+        """Compacted: one AppliedChunk per applied chunk and sink (repeat detection, status)."""
+        return f"{self.prefix}.sink.progress"
+
     def all(self) -> list[str]:
-        return [self.pages, self.rejected, self.deltas, self.assembler_dlq, self.sink_dlq]
+        return [self.pages, self.rejected, self.deltas, self.assembler_dlq, self.sink_dlq, self.sink_progress]
