@@ -138,7 +138,9 @@ class Settings(BaseSettings):
 
     # processors
     processor_group: str = "heapsync-assembler"
-    processor_store: str = "memory://"
+    processor_store: str = Field(
+        "rocksdb://", description="Faust table store: rocksdb:// (rocksdict) in production, memory:// for tests."
+    )
     processor_data_dir: Path = Path(".heapsync/processor")
     processor_web_port: int | None = None
     sync_timeout_seconds: float = Field(3600.0, gt=0)

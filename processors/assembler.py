@@ -4,22 +4,31 @@ The maps are plain ``MutableMapping``s: dicts in tests, Faust tables (backed by
 changelog topics) in the worker. Nothing here touches Kafka or Faust, so every
 rule is tested directly.
 
-- ``pages``:    "<account>|<sync>|<page>" -> one page's changes (written once)
-- ``syncs``:    "<account>|<sync>"        -> small metadata of an open sync
-- ``segments``: "<account>|<segment>"     -> open syncs of the segment, in start order
-- ``done``:     "<account>|<sync>"        -> when the sync's delta was emitted
+- ``pages``:    page key -> one page's changes, encoded (written once per page)
+- ``syncs``:    sync key -> small, fixed-size metadata of an open sync (a page
+                counter, never the list of pages received)
+- ``segments``: segment key -> {"p": partition, "q": open syncs in start order}
+- ``done``:     sync key -> what became of an emitted sync (page digests, to
+                recognise repeats and late pages after the sync is gone)
 
-Work per page is proportional to the page: no page rewrites a whole-sync value.
-A sync is emitted once its pages are all in *and* every earlier sync of the
-same segment has been emitted or timed out, so an old delta never lands after a
-newer one.
+Work per page is proportional to the page. A sync is emitted once its pages are
+all in (or it timed out) *and* every earlier sync of the same segment has been
+emitted, so an old delta never lands after a newer one.
+
+Emitting is three steps so that the shell can make each durable before the next
+(see ``processors/worker.py``): ``next_emission`` builds the deltas without
+changing state; ``mark_emitted`` records the sync as done once the deltas are
+acknowledged; ``forget`` drops the sync's pages once the done marker is durable.
+A crash between any two steps repeats the emission (same ``delta_id``) or
+finishes the clean-up; it never loses or mixes a sync. ``drive`` runs the three
+steps back to back, for tests and for callers without a broker.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, MutableMapping
+from typing import Any, Iterable, Literal, MutableMapping
 
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from processors import rules
@@ -31,12 +40,16 @@ PartialPolicy = Literal["emit", "dead-letter"]
 
 @dataclass
 class Counters:
+    """Running totals of what the assembler saw; exported as Prometheus counters by the worker."""
+
     pages: int = 0
     duplicate_pages: int = 0
     conflicting_duplicates: int = 0
     conflicts: int = 0
     late_pages: int = 0
+    total_pages_mismatches: int = 0
     deltas: int = 0
+    delta_chunks: int = 0
     partial_deltas: int = 0
     dead_lettered: int = 0
 
@@ -49,8 +62,30 @@ class DeadLetter:
 
 
 @dataclass
+class Step:
+    """What one input asks for next: segments whose queue may now move, and records given up on."""
+
+    segments: list[str] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    open_syncs: int | None = None
+
+
+@dataclass
+class Emission:
+    """One finished sync, ready to publish: its delta chunks, or a dead letter (timeout policy)."""
+
+    sync_key: str
+    segment_key: str
+    complete: bool
+    deltas: list[Delta]
+    dead_letter: DeadLetter | None
+    done_value: dict[str, Any]
+    stored_pages: list[int]
+
+
+@dataclass
 class Output:
-    """What one input produced: delta chunks to publish and syncs given up on."""
+    """Everything inputs produced, in order (``drive``)."""
 
     deltas: list[Delta] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -58,14 +93,6 @@ class Output:
     def extend(self, other: Output) -> None:
         self.deltas.extend(other.deltas)
         self.dead_letters.extend(other.dead_letters)
-
-
-def _sync_key(account: str, sync_id: str) -> str:
-    return f"{account}|{sync_id}"
-
-
-def _page_key(sync_key: str, page: int) -> str:
-    return f"{sync_key}|{page}"
 
 
 class Assembler:
@@ -80,6 +107,8 @@ class Assembler:
         timeout_seconds: float = 3600.0,
         partial_policy: PartialPolicy = "emit",
     ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
         self.pages, self.syncs, self.segments, self.done = pages, syncs, segments, done
         self.chunk_size = chunk_size
         self.timeout_seconds = timeout_seconds
@@ -88,163 +117,272 @@ class Assembler:
 
     # -- inputs -----------------------------------------------------------
 
-    def on_sync_page(self, account: str, payload: HeapSync, *, partition: int, now: float) -> Output:
+    def on_sync_page(self, account: str, payload: HeapSync, *, partition: int, now: float,
+                     replay_id: str | None = None) -> Step:
         info = payload.data.sync_info
-        skey = _sync_key(account, info.sync_task_id)
+        page = info.page_number
+        skey = rules.sync_key(account, "sync", info.sync_task_id, replay_id)
+        seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
-        if skey in self.done:
-            self.counters.late_pages += 1
-            log.warning("page for an already emitted sync", extra={"sync": skey, "page": info.page_number})
-            return Output(dead_letters=[DeadLetter("late page for an emitted sync", skey,
-                                                   {"page_number": info.page_number})])
-        changes = rules.page_changes(
-            (m.id for m in payload.data.add or ()), (m.id for m in payload.data.remove or ()))
+        changes = rules.page_changes((m.id for m in payload.data.add or ()),
+                                     (m.id for m in payload.data.remove or ()))
+        encoded = changes.encode()
+
+        finished = self.done.get(skey)
+        if finished is not None:
+            return self._after_done(skey, seg, page, finished, encoded, changes, payload)
+
         meta = self.syncs.get(skey)
         if meta is None:
             meta = {
                 "account": account,
-                "sync_task_id": info.sync_task_id,
+                "kind": "sync",
+                "ref": info.sync_task_id,
+                "replay_id": replay_id,
+                "segment": seg,
                 "segment_id": payload.data.segment.id,
                 "segment_name": payload.data.segment.name,
                 "identity_field": payload.customer_config.identity_field(),
-                "kind": "sync",
-                "total_pages": info.total_pages,
-                "received": [],
+                "announced": info.total_pages,
+                "total": info.total_pages,
+                "received": 0,
                 "partition": partition,
                 "started_at": now,
             }
-            self._enqueue(account, payload.data.segment.id, skey)
-        pkey = _page_key(skey, info.page_number)
+            self._enqueue(seg, skey, partition)
+        else:
+            meta = dict(meta)
+        if info.total_pages != meta["announced"]:
+            self.counters.total_pages_mismatches += 1
+            log.warning("pages of one sync disagree on total_pages; the largest is used",
+                        extra={"sync": skey, "page": page, "total_pages": info.total_pages,
+                               "first_total_pages": meta["announced"]})
+        meta["total"] = rules.expected_pages(meta["total"], page, info.total_pages)
+
+        pkey = rules.page_key(skey, page)
         previous = self.pages.get(pkey)
         if previous is not None:
-            self.counters.duplicate_pages += 1
-            if previous["digest"] != changes.digest():
-                self.counters.conflicting_duplicates += 1
-                log.warning("page repeated with different content; first copy kept",
-                            extra={"sync": skey, "page": info.page_number})
-            return Output()
-        if info.total_pages != meta["total_pages"]:
-            log.warning("total_pages differs between pages; first value kept",
-                        extra={"sync": skey, "page": info.page_number})
-        self.counters.conflicts += changes.conflicts
-        self.pages[pkey] = {"add": list(changes.add), "remove": list(changes.remove),
-                            "digest": changes.digest()}
-        meta = {**meta, "received": meta["received"] + [info.page_number]}
+            self._count_repeat(skey, page, rules.digest(previous), rules.digest(encoded))
+            # Re-assert the first copy: heals a crash that stored it locally but not in the changelog.
+            self.pages[pkey] = previous
+            meta["received"] = self._recount(skey, meta["total"])
+        else:
+            self.counters.conflicts += changes.conflicts
+            self.pages[pkey] = encoded
+            meta["received"] += 1
         self.syncs[skey] = meta
-        return self._drain_segment(account, meta["segment_id"], now)
+        return Step(segments=[seg])
 
-    def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float) -> Output:
-        skey = _sync_key(account, f"drain:{request_id}")
+    def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float,
+                 replay_id: str | None = None) -> Step:
+        skey = rules.sync_key(account, "drain", request_id, replay_id)
+        seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
         if skey in self.done or skey in self.syncs:
             self.counters.duplicate_pages += 1
-            return Output()
+            return Step(segments=[seg])
         self.syncs[skey] = {
             "account": account,
-            "sync_task_id": None,
+            "kind": "drain",
+            "ref": rules.drain_ref(request_id),
+            "replay_id": replay_id,
+            "segment": seg,
             "segment_id": payload.data.segment.id,
             "segment_name": payload.data.segment.name,
             "identity_field": payload.customer_config.identity_field(),
-            "kind": "drain",
-            "total_pages": 0,
-            "received": [],
+            "announced": 0,
+            "total": 0,
+            "received": 0,
             "partition": partition,
             "started_at": now,
         }
-        self._enqueue(account, payload.data.segment.id, skey)
-        return self._drain_segment(account, payload.data.segment.id, now)
+        self._enqueue(seg, skey, partition)
+        return Step(segments=[seg])
 
-    def on_tick(self, *, partition: int, now: float) -> Output:
-        """Time out syncs of ``partition`` that waited too long, then release what they held up."""
-        out = Output()
-        expired = [
-            (k, m) for k, m in list(self.syncs.items())
-            if m["partition"] == partition and now - m["started_at"] >= self.timeout_seconds
-        ]
-        for skey, meta in expired:
-            if skey not in self.syncs:
-                continue  # already released by an earlier iteration
-            out.extend(self._finish(skey, self.syncs[skey], complete=False))
-            out.extend(self._drain_segment(meta["account"], meta["segment_id"], now))
+    def on_tick(self, *, partition: int) -> Step:
+        """Segments of ``partition`` with open syncs: the shell re-checks them for timeouts."""
+        segs = [k for k, v in list(self.segments.items()) if v is not None and v["p"] == partition]
+        open_syncs = sum(len(self.segments[k]["q"]) for k in segs)
+        return Step(segments=segs, open_syncs=open_syncs)
+
+    # -- emitting -----------------------------------------------------------
+
+    def next_emission(self, seg: str, now: float) -> Emission | None:
+        """The head of the segment's queue if it can be emitted now (complete or timed out).
+
+        Does not change what the sync holds: call ``mark_emitted`` once the deltas
+        are out, then ``forget``. Heads already done (a crash before ``forget``)
+        are cleaned up here.
+        """
+        while True:
+            entry = self.segments.get(seg)
+            if not entry or not entry["q"]:
+                return None
+            head = entry["q"][0]
+            meta = self.syncs.get(head)
+            if head in self.done or meta is None:
+                self._cleanup(head, seg, meta)
+                continue
+            if meta["kind"] == "drain":
+                return self._emission(head, meta, {}, complete=True, now=now)
+            stored: dict[int, bytes] = {}
+            if meta["received"] >= meta["total"]:
+                stored = self._stored(head, meta["total"])
+                if len(stored) == meta["total"]:
+                    return self._emission(head, meta, stored, complete=True, now=now)
+                meta = {**meta, "received": len(stored)}  # the counter ran ahead of the pages: repair
+                self.syncs[head] = meta
+            if now - meta["started_at"] >= self.timeout_seconds:
+                stored = stored or self._stored(head, meta["total"])
+                return self._emission(head, meta, stored, complete=False, now=now)
+            return None
+
+    def mark_emitted(self, em: Emission) -> None:
+        """The deltas (or dead letter) are out: remember the sync as done before dropping its pages."""
+        self.done[em.sync_key] = em.done_value
+        if em.dead_letter is not None:
+            self.counters.dead_lettered += 1
+        else:
+            self.counters.deltas += 1
+            self.counters.delta_chunks += len(em.deltas)
+            self.counters.partial_deltas += 0 if em.complete else 1
+
+    def forget(self, em: Emission) -> None:
+        self._cleanup(em.sync_key, em.segment_key, self.syncs.get(em.sync_key), em.stored_pages)
+
+    def drive(self, step: Step, now: float) -> Output:
+        """Run every emission a step allows, without a broker in between (tests, replays in memory)."""
+        out = Output(dead_letters=list(step.dead_letters))
+        for seg in step.segments:
+            while (em := self.next_emission(seg, now)) is not None:
+                out.deltas.extend(em.deltas)
+                if em.dead_letter is not None:
+                    out.dead_letters.append(em.dead_letter)
+                self.mark_emitted(em)
+                self.forget(em)
         return out
 
     # -- internals ---------------------------------------------------------
 
-    def _enqueue(self, account: str, segment_id: str, skey: str) -> None:
-        seg = f"{account}|{segment_id}"
-        self.segments[seg] = [*self.segments.get(seg, []), skey]
+    def _after_done(self, skey: str, seg: str, page: int, finished: dict[str, Any], encoded: bytes,
+                    changes: rules.PageChanges, payload: HeapSync) -> Step:
+        digests = finished.get("digests") or []
+        first = digests[page - 1] if page <= len(digests) else None
+        if first is not None:
+            self._count_repeat(skey, page, first, rules.digest(encoded))
+            return Step(segments=[seg])
+        self.counters.late_pages += 1
+        log.warning("page arrived after its sync was emitted without it; dead-lettered",
+                    extra={"sync": skey, "page": page})
+        return Step(segments=[seg], dead_letters=[DeadLetter("late page for an emitted sync", skey, {
+            "page_number": page,
+            "total_pages": payload.data.sync_info.total_pages,
+            "sync_task_id": payload.data.sync_info.sync_task_id,
+            "segment_id": payload.data.segment.id,
+            "segment_name": payload.data.segment.name,
+            "add": list(changes.add), "remove": list(changes.remove),
+        })])
 
-    def _drain_segment(self, account: str, segment_id: str, now: float) -> Output:
-        """Emit complete syncs from the head of the segment's queue, in start order."""
-        out = Output()
-        seg = f"{account}|{segment_id}"
-        while True:
-            queue = self.segments.get(seg) or []
-            if not queue:
-                break
-            head = queue[0]
-            meta = self.syncs.get(head)
-            if meta is None:  # finished elsewhere (timeout): just drop it from the queue
-                self._dequeue(seg, head)
-                continue
-            if meta["kind"] == "sync" and len(set(meta["received"])) < meta["total_pages"]:
-                break
-            out.extend(self._finish(head, meta, complete=True))
-        return out
+    def _count_repeat(self, skey: str, page: int, first_digest: str, new_digest: str) -> None:
+        self.counters.duplicate_pages += 1
+        if first_digest != new_digest:
+            self.counters.conflicting_duplicates += 1
+            log.warning("page repeated with different content; first copy kept",
+                        extra={"sync": skey, "page": page})
+
+    def _recount(self, skey: str, total: int) -> int:
+        return sum(1 for p in range(1, total + 1) if rules.page_key(skey, p) in self.pages)
+
+    def _stored(self, skey: str, total: int) -> dict[int, bytes]:
+        found: dict[int, bytes] = {}
+        for p in range(1, total + 1):
+            raw = self.pages.get(rules.page_key(skey, p))
+            if raw is not None:
+                found[p] = raw
+        return found
+
+    def _enqueue(self, seg: str, skey: str, partition: int) -> None:
+        entry = self.segments.get(seg)
+        queue = list(entry["q"]) if entry else []
+        if skey not in queue:
+            queue.append(skey)
+        self.segments[seg] = {"p": partition, "q": queue}
 
     def _dequeue(self, seg: str, skey: str) -> None:
-        queue = [k for k in self.segments.get(seg, []) if k != skey]
+        entry = self.segments.get(seg)
+        if not entry:
+            return
+        queue = [k for k in entry["q"] if k != skey]
         if queue:
-            self.segments[seg] = queue
-        elif seg in self.segments:
+            self.segments[seg] = {**entry, "q": queue}
+        else:
             del self.segments[seg]
 
-    def _finish(self, skey: str, meta: dict[str, Any], *, complete: bool) -> Output:
-        out = Output()
-        received = sorted(set(meta["received"]))
-        missing = rules.missing_pages(received, meta["total_pages"]) if meta["kind"] == "sync" else []
-        page_map = {p: self.pages.get(_page_key(skey, p)) for p in received}
-        if not complete and self.partial_policy == "dead-letter":
-            self.counters.dead_lettered += 1
-            out.dead_letters.append(DeadLetter("sync timed out with pages missing", skey, {
-                **{k: meta[k] for k in ("account", "sync_task_id", "segment_id", "segment_name",
-                                        "identity_field", "total_pages")},
-                "missing_pages": missing,
-                "pages": {str(p): v for p, v in page_map.items() if v is not None},
-            }))
-        else:
-            out.deltas.extend(self._deltas(skey, meta, page_map, complete, missing))
-            self.counters.deltas += 1
-            self.counters.partial_deltas += 0 if complete else 1
-        for p in received:
-            self.pages.pop(_page_key(skey, p), None)
-        self.syncs.pop(skey, None)
-        self.done[skey] = True
-        self._dequeue(f"{meta['account']}|{meta['segment_id']}", skey)
-        return out
+    def _cleanup(self, skey: str, seg: str, meta: dict[str, Any] | None,
+                 stored_pages: Iterable[int] | None = None) -> None:
+        if stored_pages is None:
+            stored_pages = range(1, (meta or {}).get("total", 0) + 1)
+        for p in stored_pages:
+            pkey = rules.page_key(skey, p)
+            if pkey in self.pages:
+                del self.pages[pkey]
+        if skey in self.syncs:
+            del self.syncs[skey]
+        self._dequeue(seg, skey)
 
-    def _deltas(self, skey: str, meta: dict[str, Any], page_map: dict[int, Any],
-                complete: bool, missing: list[int]) -> list[Delta]:
+    def _emission(self, skey: str, meta: dict[str, Any], stored: dict[int, bytes], *,
+                  complete: bool, now: float) -> Emission:
+        seg = meta["segment"]
+        is_sync = meta["kind"] == "sync"
+        total = meta["total"]
+        missing = rules.missing_pages(stored, total) if is_sync else []
+        done_value: dict[str, Any] = {
+            "at": now, "complete": complete,
+            "digests": [rules.digest(stored[p]) if p in stored else None for p in range(1, total + 1)],
+        }
+        if not complete and self.partial_policy == "dead-letter":
+            done_value["outcome"] = "dead-letter"
+            log.warning("sync timed out with pages missing; dead-lettered",
+                        extra={"sync": skey, "missing": len(missing), "total_pages": total})
+            pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(rules.decode_page(raw))))
+                     for p, raw in stored.items()}
+            letter = DeadLetter("sync timed out with pages missing", skey, {
+                **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
+                "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
+            })
+            return Emission(skey, seg, False, [], letter, done_value, sorted(stored))
+        done_value["outcome"] = "delta"
+        if not complete:
+            log.warning("sync timed out with pages missing; partial delta emitted",
+                        extra={"sync": skey, "missing": len(missing), "total_pages": total})
+        deltas = self._deltas(meta, stored, complete, missing)
+        return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored))
+
+    def _deltas(self, meta: dict[str, Any], stored: dict[int, bytes], complete: bool,
+                missing: list[int]) -> list[Delta]:
         if meta["kind"] == "drain":
             chunks: list[tuple[list[str], list[str]]] = [([], [])]
         else:
-            net = rules.net_changes({p: rules.PageChanges(tuple(v["add"]), tuple(v["remove"]))
-                                     for p, v in page_map.items() if v is not None})
+            net = rules.net_changes([(p, rules.decode_page(stored[p])) for p in sorted(stored)])
             chunks = rules.chunk_changes(net, self.chunk_size)
-        sync_ref = skey.split("|", 1)[1]
-        common = dict(
-            delta_id=delta_id_for(meta["account"], sync_ref),
+        common: dict[str, Any] = dict(
+            delta_id=delta_id_for(meta["account"], meta["ref"]),
             account=meta["account"],
             segment_id=meta["segment_id"],
             segment_name=meta["segment_name"],
             list_name=rules.list_name(meta["segment_name"]),
             identity_field=meta["identity_field"],
             kind=meta["kind"],
-            sync_task_id=meta["sync_task_id"],
+            sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,
             complete=complete,
-            total_pages=meta["total_pages"],
+            total_pages=meta["total"],
             missing_pages=missing,
             chunks=len(chunks),
+            replay_id=meta["replay_id"],
         )
         return [Delta(**common, chunk=n, add=add, remove=remove)
                 for n, (add, remove) in enumerate(chunks, start=1)]
+
+
+def _lists(changes: rules.PageChanges) -> tuple[list[str], list[str], int]:
+    return list(changes.add), list(changes.remove), changes.conflicts

@@ -8,6 +8,10 @@ How a sync becomes a delta:
 3. ``chunk_changes``: the net changes, sorted, cut into chunks of at most N ids,
    so the same sync always gives the same chunks.
 4. ``list_name``: the Cordial list is the segment name with whitespace removed.
+
+Plus the small decisions around them: how a page is stored (``encode_page``),
+how a repeat is recognised (``digest``), which pages are missing, and the
+expected page count when pages disagree on ``total_pages``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
+
+import orjson
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -30,31 +36,40 @@ def list_name(segment_name: str) -> str:
 
 @dataclass(frozen=True)
 class PageChanges:
-    """One page's effective changes, conflicts removed."""
+    """One page's effective changes, conflicts removed, each list sorted and free of repeats."""
 
     add: tuple[str, ...]
     remove: tuple[str, ...]
     conflicts: int = 0
 
+    def encode(self) -> bytes:
+        """Compact, deterministic bytes: what the pages table stores (one write per page)."""
+        return orjson.dumps([list(self.add), list(self.remove), self.conflicts])
+
     def digest(self) -> str:
         """Content fingerprint, to tell an exact repeat from a repeat with other content."""
-        h = hashlib.sha256()
-        for op, ids in ((ADD, sorted(set(self.add))), (REMOVE, sorted(set(self.remove)))):
-            h.update(op.encode())
-            for i in ids:
-                h.update(b"\x00" + i.encode())
-        h.update(f"|{self.conflicts}".encode())
-        return h.hexdigest()[:32]
+        return digest(self.encode())
+
+
+def digest(encoded_page: bytes) -> str:
+    """Fingerprint of an encoded page; equal for equal content, whatever the order ids came in."""
+    return hashlib.blake2b(encoded_page, digest_size=8).hexdigest()
+
+
+def decode_page(raw: bytes) -> PageChanges:
+    add, remove, conflicts = orjson.loads(raw)
+    return PageChanges(tuple(add), tuple(remove), conflicts)
 
 
 def page_changes(add: Iterable[str], remove: Iterable[str]) -> PageChanges:
+    """A page's changes; an id in both lists of one page is a conflict and is left out of the page."""
     add_set, remove_set = set(add), set(remove)
     conflicts = add_set & remove_set
-    return PageChanges(
-        add=tuple(sorted(add_set - conflicts)),
-        remove=tuple(sorted(remove_set - conflicts)),
-        conflicts=len(conflicts),
-    )
+    if conflicts:
+        add_set -= conflicts
+        remove_set -= conflicts
+    return PageChanges(add=tuple(sorted(add_set)), remove=tuple(sorted(remove_set)),
+                       conflicts=len(conflicts))
 
 
 @dataclass
@@ -71,10 +86,8 @@ def net_changes(pages: Mapping[int, PageChanges] | Sequence[tuple[int, PageChang
     items = sorted(pages.items() if isinstance(pages, Mapping) else pages, key=lambda kv: kv[0])
     state: dict[str, bool] = {}
     for _, page in items:
-        for i in page.add:
-            state[i] = True
-        for i in page.remove:
-            state[i] = False
+        state.update(dict.fromkeys(page.add, True))
+        state.update(dict.fromkeys(page.remove, False))
     net = NetChanges()
     for i, member in state.items():
         (net.add if member else net.remove).add(i)
@@ -88,13 +101,16 @@ def chunk_changes(net: NetChanges, chunk_size: int) -> list[tuple[list[str], lis
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    ops = [(REMOVE, i) for i in sorted(net.remove)] + [(ADD, i) for i in sorted(net.add)]
-    if not ops:
+    removes, adds = sorted(net.remove), sorted(net.add)
+    if not removes and not adds:
         return [([], [])]
     chunks: list[tuple[list[str], list[str]]] = []
-    for start in range(0, len(ops), chunk_size):
-        part = ops[start:start + chunk_size]
-        chunks.append(([i for op, i in part if op == ADD], [i for op, i in part if op == REMOVE]))
+    total = len(removes) + len(adds)
+    for start in range(0, total, chunk_size):
+        end = start + chunk_size
+        rm = removes[start:end] if start < len(removes) else []
+        a_start, a_end = max(0, start - len(removes)), max(0, end - len(removes))
+        chunks.append((adds[a_start:a_end], rm))
     return chunks
 
 
@@ -106,3 +122,33 @@ def apply_changes(members: set[str], add: Iterable[str], remove: Iterable[str]) 
 def missing_pages(received: Iterable[int], total_pages: int) -> list[int]:
     got = set(received)
     return [p for p in range(1, total_pages + 1) if p not in got]
+
+
+def expected_pages(known_total: int, page_number: int, page_total: int) -> int:
+    """Pages a sync needs when its pages disagree on ``total_pages``: the largest seen wins.
+
+    Taking the largest means no page that exists is ever called late because an
+    earlier page under-counted; at worst the sync waits for its timeout.
+    """
+    return max(known_total, page_total, page_number)
+
+
+def drain_ref(request_id: str) -> str:
+    """What names a drain in its delta id: a drain has no sync id, so its request id stands in."""
+    return f"drain:{request_id}"
+
+
+def sync_key(account: str, kind: str, ref: str, replay_id: str | None) -> str:
+    """Key of one assembly in the state tables; a replay is assembled apart from the original.
+
+    JSON, so no sync id (any string, per Heap) can make two keys collide.
+    """
+    return orjson.dumps([account, kind, ref, replay_id]).decode()
+
+
+def page_key(sync_key: str, page_number: int) -> str:
+    return f"{sync_key}#{page_number}"
+
+
+def segment_key(account: str, segment_id: str) -> str:
+    return orjson.dumps([account, segment_id]).decode()

@@ -3,17 +3,27 @@
 Reads the pages topic (keyed by account and segment, so one segment's pages
 stay in one partition and its state in the matching table partition), feeds
 each record to :class:`processors.assembler.Assembler`, and publishes what it
-returns. Delivery is at-least-once: a crash may re-emit a delta with the same
-``delta_id``; consumers recognise the repeat. Faust's exactly_once is not used
-(see DESIGN.md).
+returns. Table reads and writes happen only inside the agent's event, so they
+land in the event's partition (Faust's rule for changelogged tables).
+
+Delivery is at-least-once, without Faust's exactly_once (see DESIGN.md):
+
+1. delta chunks are sent and *acknowledged* before the sync is marked done;
+2. the done marker is flushed to its changelog before the sync's pages are dropped;
+3. the page's offset is committed only after both (Faust flushes the producer
+   before committing offsets).
+
+A crash anywhere re-reads the page, which re-drives the segment: the same delta
+(same ``delta_id``) may come out again, but none is lost or mixed.
 
 A leader timer sends a *tick* into every pages partition; the worker that owns
-the partition handles it in order with the pages, which is how syncs that
-never complete are timed out without touching tables from outside a stream.
+the partition handles it in order with the pages, which is how syncs that never
+complete are timed out without touching tables from outside a stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -22,14 +32,28 @@ import faust
 import orjson
 from pydantic import ValidationError
 
-from heapsync.contracts import PageRecord, HeapDrain, HeapSync, parse_heap_payload
+from heapsync.contracts import HeapDrain, HeapSync
 from heapsync.settings import Settings
-from processors.assembler import Assembler, DeadLetter, Output
+from processors import metrics
+from processors.assembler import Assembler, DeadLetter, Emission, Step
+from processors.records import TICK, is_tick, parse_record
 
 log = logging.getLogger("heapsync.processor")
 
-TICK = b'{"control":"tick"}'
-CONTROL_HEADER = "heapsync-control"
+__all__ = ["TICK", "create_app", "tick_interval"]
+
+
+def tick_interval(timeout_seconds: float) -> float:
+    """Often enough that a sync is timed out at most a quarter of its timeout late."""
+    return max(1.0, min(timeout_seconds / 4, 30.0))
+
+
+def _table_options(store: str) -> dict[str, Any] | None:
+    if not store.startswith("rocksdb:"):
+        return None
+    # Small write buffers and cache: many small per-partition databases, bounded memory.
+    return {"driver": "rocksdict", "write_buffer_size": 8 * 1024 * 1024, "max_write_buffer_number": 2,
+            "block_cache_size": 32 * 1024 * 1024, "block_cache_compressed_size": 0}
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -50,6 +74,8 @@ def create_app(settings: Settings) -> faust.App:
         web_host="127.0.0.1",
         producer_acks=-1,
         producer_max_request_size=16 * 1024 * 1024,
+        producer_linger_ms=1,
+        producer_max_batch_size=1024 * 1024,
         consumer_auto_offset_reset="earliest",
         broker_commit_every=100,
         table_standby_replicas=0,
@@ -61,64 +87,103 @@ def create_app(settings: Settings) -> faust.App:
     dlq_topic = app.topic(topics.assembler_dlq, key_type=bytes, value_type=bytes,
                           partitions=settings.topic_partitions)
 
-    def table(name: str) -> faust.Table:
+    options = _table_options(store)
+
+    def table(name: str, value_serializer: str = "json") -> faust.Table:
         return app.Table(name, default=None, partitions=settings.topic_partitions,
-                         schema=faust.Schema(key_type=str, key_serializer="json", value_serializer="json"))
+                         options=dict(options) if options else None,
+                         schema=faust.Schema(key_type=str, key_serializer="json",
+                                             value_serializer=value_serializer))
 
     assembler = Assembler(
-        table("pages"), table("syncs"), table("segments"), table("done"),
+        table("pages", "raw"), table("syncs"), table("segments"), table("done"),
         chunk_size=settings.delta_chunk_size,
         timeout_seconds=settings.sync_timeout_seconds,
         partial_policy=settings.partial_policy,
     )
     app.assembler = assembler  # type: ignore[attr-defined]
+    exporter = metrics.Exporter()
 
-    async def publish(out: Output) -> None:
-        for delta in out.deltas:
-            await deltas_topic.send(
+    async def send_dead_letters(letters: list[DeadLetter]) -> None:
+        futures = [await dlq_topic.send(key=d.sync_key.encode(),
+                                        value=orjson.dumps({"reason": d.reason, "sync": d.sync_key, **d.detail}))
+                   for d in letters]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def publish(em: Emission) -> None:
+        """Send an emission and wait until the broker has it: only then may the sync count as done."""
+        futures = []
+        for delta in em.deltas:
+            futures.append(await deltas_topic.send(
                 key=f"{delta.account}:{delta.list_name}".encode(),
                 value=delta.model_dump_json().encode(),
-            )
-            log.info("delta chunk emitted", extra={
-                "delta_id": delta.delta_id, "account": delta.account, "list": delta.list_name,
-                "chunk": delta.chunk, "chunks": delta.chunks, "adds": len(delta.add),
-                "removes": len(delta.remove), "complete": delta.complete,
+            ))
+        if futures:
+            await asyncio.gather(*futures)
+        if em.deltas:
+            d = em.deltas[0]
+            log.info("delta emitted", extra={
+                "delta_id": d.delta_id, "account": d.account, "list": d.list_name, "kind": d.kind,
+                "chunks": d.chunks, "adds": sum(len(x.add) for x in em.deltas),
+                "removes": sum(len(x.remove) for x in em.deltas), "complete": d.complete,
+                "missing_pages": len(d.missing_pages), "replay_id": d.replay_id,
             })
-        for dead in out.dead_letters:
-            await dlq_topic.send(key=dead.sync_key.encode(),
-                                 value=orjson.dumps({"reason": dead.reason, "sync": dead.sync_key, **dead.detail}))
+        if em.dead_letter is not None:
+            await send_dead_letters([em.dead_letter])
 
-    def handle(record_value: bytes, partition: int) -> Output:
-        if record_value == TICK:
-            return assembler.on_tick(partition=partition, now=time.time())
+    async def emit_ready(step: Step) -> None:
+        for seg in step.segments:
+            while (em := assembler.next_emission(seg, time.time())) is not None:
+                await publish(em)
+                assembler.mark_emitted(em)
+                await app.producer.flush()  # the done marker is durable before the pages go
+                assembler.forget(em)
+
+    def handle(raw: bytes, partition: int) -> Step:
+        if is_tick(raw):
+            step = assembler.on_tick(partition=partition)
+            metrics.set_open_syncs(partition, step.open_syncs or 0)
+            return step
         try:
-            record = PageRecord.model_validate_json(record_value)
-            payload = parse_heap_payload(orjson.dumps(record.payload))
+            record = parse_record(raw)
         except ValidationError as exc:
+            metrics.UNREADABLE.inc()
             log.error("unreadable record on the pages topic; dead-lettered", extra={"partition": partition})
-            out = Output()
-            out.dead_letters.append(DeadLetter("unreadable pages record", f"partition-{partition}",
-                                               {"errors": exc.errors(include_input=False, include_url=False),
-                                                "value": record_value.decode("utf-8", "replace")}))
-            return out
+            return Step(dead_letters=[DeadLetter("unreadable pages record", f"partition-{partition}", {
+                "errors": exc.errors(include_input=False, include_url=False, include_context=False),
+                "value": raw.decode("utf-8", "replace")})])
+        payload = record.payload
         if isinstance(payload, HeapSync):
-            return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time())
+            return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
+                                          replay_id=record.replay_id)
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
-                                      partition=partition, now=time.time())
-        return Output()
+                                      partition=partition, now=time.time(), replay_id=record.replay_id)
+        # The ingress sends unknown action types to the rejected topic; never drop one silently here.
+        log.error("pages record with an unknown action type; dead-lettered",
+                  extra={"partition": partition, "action_type": payload.action_type})
+        return Step(dead_letters=[DeadLetter("unknown action type", f"partition-{partition}",
+                                             {"value": raw.decode("utf-8", "replace")})])
 
     @app.agent(pages_topic)
     async def assemble(stream: Any) -> Any:
         async for event in stream.events():
-            await publish(handle(event.value, event.message.partition))
+            step = handle(event.value, event.message.partition)
+            if step.dead_letters:
+                await send_dead_letters(step.dead_letters)
+            await emit_ready(step)
+            exporter.update(assembler.counters)
             yield None
 
-    tick_every = max(1.0, min(settings.sync_timeout_seconds / 4, 30.0))
-
-    @app.timer(interval=tick_every, on_leader=True)
+    @app.timer(interval=tick_interval(settings.sync_timeout_seconds), on_leader=True)
     async def tick() -> None:
         for partition in range(settings.topic_partitions):
             await pages_topic.send(value=TICK, partition=partition)
+
+    if settings.metrics_port is not None:
+        @app.task
+        async def serve_metrics() -> None:
+            metrics.serve(settings.metrics_port)  # type: ignore[arg-type]
 
     return app

@@ -1,0 +1,271 @@
+"""The assembler state machine over plain dicts: what deltas come out of what pages."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
+from heapsync.samples import drain_request, heap_request
+from processors import rules
+from processors.assembler import Assembler, Output
+
+ACCOUNT = "acme"
+
+
+def new_assembler(**kw: Any) -> tuple[Assembler, list[dict[str, Any]]]:
+    maps: list[dict[str, Any]] = [{}, {}, {}, {}]
+    return Assembler(*maps, **kw), maps
+
+
+def page(sync: str, n: int, total: int, add: list[str] | None = None, remove: list[str] | None = None,
+         segment: str = "1", name: str = "Heap Test Segment") -> HeapSync:
+    return HeapSync.model_validate(heap_request(sync, n, total, add=add or [], remove=remove or [],
+                                                segment_id=segment, segment_name=name))
+
+
+def feed(asm: Assembler, p: HeapSync, now: float = 0.0, replay_id: str | None = None) -> Output:
+    return asm.drive(asm.on_sync_page(ACCOUNT, p, partition=0, now=now, replay_id=replay_id), now)
+
+
+def tick(asm: Assembler, now: float) -> Output:
+    return asm.drive(asm.on_tick(partition=0), now)
+
+
+def merged(deltas: list[Delta]) -> tuple[set[str], set[str]]:
+    return {i for d in deltas for i in d.add}, {i for d in deltas for i in d.remove}
+
+
+def test_two_pages_out_of_order_make_one_delta() -> None:
+    asm, maps = new_assembler()
+    assert feed(asm, page("s1", 2, 2, ["c"], ["a"])).deltas == []
+    out = feed(asm, page("s1", 1, 2, ["a", "b"]))
+    [d] = out.deltas
+    assert (d.add, d.remove, d.complete, d.missing_pages) == (["b", "c"], ["a"], True, [])
+    assert d.delta_id == delta_id_for(ACCOUNT, "s1")
+    assert (d.list_name, d.segment_name, d.identity_field, d.kind, d.sync_task_id) == (
+        "HeapTestSegment", "Heap Test Segment", "email", "sync", "s1")
+    pages, syncs, segments, done = maps
+    assert (pages, syncs, segments) == ({}, {}, {})  # nothing left open
+    assert len(done) == 1
+
+
+def test_repeated_page_counts_once_and_different_content_is_flagged_first_kept() -> None:
+    asm, _ = new_assembler()
+    feed(asm, page("s1", 1, 2, ["a"]))
+    feed(asm, page("s1", 1, 2, ["a"]))
+    feed(asm, page("s1", 1, 2, ["evil"]))
+    [d] = feed(asm, page("s1", 2, 2, ["b"])).deltas
+    assert d.add == ["a", "b"]
+    assert asm.counters.duplicate_pages == 2
+    assert asm.counters.conflicting_duplicates == 1
+    # a repeat after the delta went out is a duplicate, not a late page, and emits nothing
+    assert feed(asm, page("s1", 2, 2, ["b"])) == Output()
+    assert feed(asm, page("s1", 2, 2, ["other"])) == Output()
+    assert (asm.counters.duplicate_pages, asm.counters.conflicting_duplicates, asm.counters.late_pages) == (4, 2, 0)
+
+
+def test_conflicts_are_counted_and_left_out_of_their_page() -> None:
+    asm, _ = new_assembler()
+    [d] = feed(asm, page("s1", 1, 1, ["a", "b"], ["b", "c"])).deltas
+    assert (d.add, d.remove) == (["a"], ["c"])
+    assert asm.counters.conflicts == 1
+
+
+def test_drain_is_one_empty_drain_delta() -> None:
+    asm, _ = new_assembler()
+    drain = HeapDrain.model_validate(drain_request(segment_id="1"))
+    out = asm.drive(asm.on_drain(ACCOUNT, drain, request_id="r1", partition=0, now=0), 0)
+    [d] = out.deltas
+    assert (d.kind, d.add, d.remove, d.list_name, d.sync_task_id) == ("drain", [], [], "HeapTestSegment", None)
+    # the same record again (a redelivery) is not a second drain
+    assert asm.drive(asm.on_drain(ACCOUNT, drain, request_id="r1", partition=0, now=0), 0).deltas == []
+
+
+def test_a_later_sync_and_a_drain_wait_for_an_earlier_sync_of_the_segment() -> None:
+    asm, _ = new_assembler()
+    feed(asm, page("old", 1, 2, ["a"]))
+    assert feed(asm, page("new", 1, 1, ["b"])).deltas == []
+    drain = HeapDrain.model_validate(drain_request(segment_id="1"))
+    assert asm.drive(asm.on_drain(ACCOUNT, drain, request_id="r", partition=0, now=0), 0).deltas == []
+    # another segment is not held up
+    assert len(feed(asm, page("elsewhere", 1, 1, ["z"], segment="2")).deltas) == 1
+    out = feed(asm, page("old", 2, 2, ["c"]))
+    assert [(d.sync_task_id, d.kind) for d in out.deltas] == [("old", "sync"), ("new", "sync"), (None, "drain")]
+
+
+def test_timeout_emits_a_partial_delta_then_releases_the_queue_and_late_pages_are_dead_lettered() -> None:
+    asm, maps = new_assembler(timeout_seconds=60)
+    feed(asm, page("old", 1, 3, ["a"]), now=0)
+    feed(asm, page("old", 3, 3, ["c"]), now=1)
+    feed(asm, page("new", 1, 1, ["b"]), now=2)
+    assert tick(asm, now=59).deltas == []
+    out = tick(asm, now=60)
+    assert [(d.sync_task_id, d.complete, d.missing_pages) for d in out.deltas] == [
+        ("old", False, [2]), ("new", True, [])]
+    assert out.deltas[0].add == ["a", "c"]
+    assert asm.counters.partial_deltas == 1
+    late = feed(asm, page("old", 2, 3, ["x"]), now=61)
+    assert late.deltas == []
+    [letter] = late.dead_letters
+    assert letter.detail["page_number"] == 2 and letter.detail["add"] == ["x"]
+    assert asm.counters.late_pages == 1
+    assert maps[0] == {} and maps[1] == {} and maps[2] == {}
+
+
+def test_dead_letter_policy_sends_the_timed_out_sync_with_its_pages() -> None:
+    asm, _ = new_assembler(timeout_seconds=10, partial_policy="dead-letter")
+    feed(asm, page("s", 2, 2, ["b"], ["c"]), now=0)
+    out = tick(asm, now=10)
+    assert out.deltas == []
+    [letter] = out.dead_letters
+    assert letter.detail["missing_pages"] == [1]
+    assert letter.detail["pages"] == {"2": {"add": ["b"], "remove": ["c"], "conflicts": 0}}
+    assert asm.counters.dead_lettered == 1
+
+
+def test_pages_disagreeing_on_total_pages_wait_for_the_largest() -> None:
+    asm, _ = new_assembler()
+    feed(asm, page("s", 1, 2, ["a"]))
+    assert feed(asm, page("s", 2, 3, ["b"])).deltas == []
+    [d] = feed(asm, page("s", 3, 3, ["c"])).deltas
+    assert d.add == ["a", "b", "c"] and d.total_pages == 3
+    assert asm.counters.total_pages_mismatches == 2  # pages 2 and 3 differ from page 1
+
+
+def test_big_sync_is_chunked_and_chunks_partition_the_ids() -> None:
+    asm, _ = new_assembler(chunk_size=7)
+    feed(asm, page("s", 1, 2, [f"u{i}" for i in range(30)]))
+    out = feed(asm, page("s", 2, 2, [], [f"u{i}" for i in range(20, 40)]))
+    assert [d.chunk for d in out.deltas] == list(range(1, len(out.deltas) + 1))
+    assert {d.chunks for d in out.deltas} == {len(out.deltas)} == {6}
+    assert all(len(d.add) + len(d.remove) <= 7 for d in out.deltas)
+    assert len({d.delta_id for d in out.deltas}) == 1
+    add, remove = merged(out.deltas)
+    assert add == {f"u{i}" for i in range(20)} and remove == {f"u{i}" for i in range(20, 40)}
+
+
+def test_replayed_pages_make_a_fresh_delta_with_the_same_id_and_the_replay_id() -> None:
+    asm, _ = new_assembler()
+    [first] = feed(asm, page("s", 1, 1, ["a"])).deltas
+    assert feed(asm, page("s", 1, 1, ["a"])).deltas == []  # a plain repeat is swallowed
+    [again] = feed(asm, page("s", 1, 1, ["a"]), replay_id="rp1").deltas
+    assert (again.delta_id, again.replay_id, again.add) == (first.delta_id, "rp1", ["a"])
+    assert again.chunk_key != first.chunk_key
+
+
+def test_crash_after_publishing_before_marking_done_repeats_the_same_delta() -> None:
+    asm, maps = new_assembler()
+    asm.drive(asm.on_sync_page(ACCOUNT, page("s", 1, 2, ["a"]), partition=0, now=0), 0)
+    step = asm.on_sync_page(ACCOUNT, page("s", 2, 2, ["b"]), partition=0, now=0)
+    published = asm.next_emission(step.segments[0], 0)
+    assert published is not None  # ... sent, then the worker dies before mark_emitted
+    # restart: the uncommitted page is read again on the same state
+    [again] = feed(asm, page("s", 2, 2, ["b"])).deltas
+    assert again.model_dump(exclude={"emitted_at"}) == published.deltas[0].model_dump(exclude={"emitted_at"})
+
+
+def test_crash_after_marking_done_finishes_the_cleanup_without_a_second_delta() -> None:
+    asm, maps = new_assembler()
+    feed(asm, page("s", 1, 2, ["a"]))
+    step = asm.on_sync_page(ACCOUNT, page("s", 2, 2, ["b"]), partition=0, now=0)
+    em = asm.next_emission(step.segments[0], 0)
+    assert em is not None
+    asm.mark_emitted(em)  # ... and the worker dies before forget
+    assert feed(asm, page("s", 2, 2, ["b"])).deltas == []
+    assert maps[0] == {} and maps[1] == {} and maps[2] == {}
+
+
+def test_a_page_counter_that_ran_ahead_of_the_stored_pages_does_not_emit_early() -> None:
+    # A crash can leave the sync's counter in the changelog but not the page it counted.
+    asm, maps = new_assembler()
+    feed(asm, page("s", 1, 2, ["a"]))
+    skey = rules.sync_key(ACCOUNT, "sync", "s", None)
+    maps[1][skey] = {**maps[1][skey], "received": 2}
+    assert tick(asm, now=1).deltas == []
+    [d] = feed(asm, page("s", 2, 2, ["b"])).deltas
+    assert d.add == ["a", "b"] and d.complete
+
+
+def test_a_stored_page_whose_count_was_lost_is_recounted_on_redelivery() -> None:
+    asm, maps = new_assembler()
+    feed(asm, page("s", 1, 2, ["a"]))
+    skey = rules.sync_key(ACCOUNT, "sync", "s", None)
+    asm.on_sync_page(ACCOUNT, page("s", 2, 2, ["b"]), partition=0, now=0)
+    maps[1][skey] = {**maps[1][skey], "received": 1}  # the counter write was lost in the crash
+    [d] = feed(asm, page("s", 2, 2, ["b"])).deltas
+    assert d.add == ["a", "b"]
+
+
+# -- properties ---------------------------------------------------------------
+
+USERS = [f"u{i}@example.com" for i in range(25)]
+sync_pages = st.lists(st.tuples(st.lists(st.sampled_from(USERS), max_size=8),
+                                st.lists(st.sampled_from(USERS), max_size=8)), min_size=1, max_size=7)
+
+
+def in_order_delta(pages: list[tuple[list[str], list[str]]], sync: str = "s") -> tuple[set[str], set[str]]:
+    asm, _ = new_assembler()
+    out = Output()
+    for n, (a, r) in enumerate(pages, start=1):
+        out.extend(feed(asm, page(sync, n, len(pages), a, r)))
+    return merged(out.deltas)
+
+
+@settings(max_examples=150, deadline=None)
+@given(pages=sync_pages, seed=st.integers(0, 2**32), chunk=st.integers(1, 10))
+def test_any_shuffle_and_duplication_gives_the_in_order_delta(
+        pages: list[tuple[list[str], list[str]]], seed: int, chunk: int) -> None:
+    rnd = random.Random(seed)
+    arrivals = list(range(1, len(pages) + 1)) + [rnd.randint(1, len(pages)) for _ in range(rnd.randint(0, 5))]
+    rnd.shuffle(arrivals)
+    asm, maps = new_assembler(chunk_size=chunk)
+    out = Output()
+    for n in arrivals:
+        a, r = pages[n - 1]
+        out.extend(feed(asm, page("s", n, len(pages), a, r)))
+    assert len({d.delta_id for d in out.deltas}) == 1
+    assert sorted(d.chunk for d in out.deltas) == list(range(1, out.deltas[0].chunks + 1))
+    add, remove = merged(out.deltas)
+    assert not add & remove
+    assert sum(len(d.add) + len(d.remove) for d in out.deltas) == len(add) + len(remove)  # each id once
+    assert (add, remove) == in_order_delta(pages)
+    assert maps[0] == {} and maps[1] == {} and maps[2] == {}
+
+
+@settings(max_examples=100, deadline=None)
+@given(syncs=st.lists(sync_pages, min_size=1, max_size=4), seed=st.integers(0, 2**32))
+def test_deltas_of_one_segment_come_out_in_the_order_the_syncs_started(
+        syncs: list[list[tuple[list[str], list[str]]]], seed: int) -> None:
+    rnd = random.Random(seed)
+    pending = [[(i, n) for n in range(1, len(pages) + 1)] for i, pages in enumerate(syncs)]
+    for p in pending:
+        rnd.shuffle(p)
+    arrivals: list[tuple[int, int]] = []
+    while any(pending):  # interleave the syncs' pages at random
+        arrivals.append(rnd.choice([p for p in pending if p]).pop())
+    started: list[int] = []
+    asm, _ = new_assembler()
+    out = Output()
+    for i, n in arrivals:
+        if i not in started:
+            started.append(i)
+        a, r = syncs[i][n - 1]
+        out.extend(feed(asm, page(f"s{i}", n, len(syncs[i]), a, r)))
+    emitted = [d.sync_task_id for d in out.deltas if d.chunk == 1]
+    assert emitted == [f"s{i}" for i in started]
+    for i, pages in enumerate(syncs):
+        assert merged([d for d in out.deltas if d.sync_task_id == f"s{i}"]) == in_order_delta(pages)
+    # applying the deltas in emitted order gives the list the pages describe, in start order
+    members: set[str] = set()
+    expected: set[str] = set()
+    for d in out.deltas:
+        members = rules.apply_changes(members, d.add, d.remove)
+    for i in started:
+        for a, r in syncs[i]:
+            both = set(a) & set(r)
+            expected = (expected - (set(r) - both)) | (set(a) - both)
+    assert members == expected

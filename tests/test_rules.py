@@ -1,0 +1,87 @@
+"""The pure membership rules, directly and as properties."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors import rules
+
+ids = st.sampled_from([f"u{i}@example.com" for i in range(30)])
+page_strategy = st.tuples(st.lists(ids, max_size=12), st.lists(ids, max_size=12))
+
+
+def test_list_name_drops_all_whitespace() -> None:
+    assert rules.list_name("Heap Test Segment") == "HeapTestSegment"
+    assert rules.list_name(" Power\tUsers \n2024 ") == "PowerUsers2024"
+    assert rules.list_name("Already") == "Already"
+
+
+def test_an_id_in_both_lists_of_a_page_is_a_conflict_left_out() -> None:
+    page = rules.page_changes(["a", "b", "b"], ["b", "c"])
+    assert (page.add, page.remove, page.conflicts) == (("a",), ("c",), 1)
+
+
+def test_last_appearance_wins_in_page_order() -> None:
+    pages = {2: rules.page_changes([], ["a"]), 1: rules.page_changes(["a", "b"], []),
+             3: rules.page_changes(["c"], ["b"])}
+    net = rules.net_changes(pages)
+    assert (net.add, net.remove) == ({"c"}, {"a", "b"})
+
+
+def test_conflict_in_a_page_leaves_earlier_pages_in_force() -> None:
+    # page 2 both adds and removes "a": page 2 says nothing about "a", so page 1's add stands
+    net = rules.net_changes({1: rules.page_changes(["a"], []), 2: rules.page_changes(["a"], ["a"])})
+    assert (net.add, net.remove) == ({"a"}, set())
+
+
+def test_digest_ignores_order_and_repeats_but_not_content() -> None:
+    a = rules.page_changes(["x", "y"], ["z"]).digest()
+    assert a == rules.page_changes(["y", "x", "x"], ["z"]).digest()
+    assert a != rules.page_changes(["x"], ["y", "z"]).digest()
+
+
+def test_empty_delta_is_one_empty_chunk() -> None:
+    assert rules.chunk_changes(rules.NetChanges(), 5) == [([], [])]
+
+
+def test_expected_pages_takes_the_largest_total_seen() -> None:
+    assert rules.expected_pages(2, 1, 3) == 3
+    assert rules.expected_pages(3, 2, 2) == 3
+    assert rules.missing_pages([1, 3], 4) == [2, 4]
+
+
+def test_keys_do_not_collide_whatever_the_sync_id() -> None:
+    a = rules.sync_key("acme", "sync", "x|replay:1", None)
+    b = rules.sync_key("acme", "sync", "x", "1")
+    assert a != b
+    assert rules.sync_key("acme", "drain", "r1", None) != rules.sync_key("acme", "sync", "r1", None)
+
+
+@given(add=st.sets(ids), remove=st.sets(ids), size=st.integers(1, 7))
+def test_chunks_partition_the_ids(add: set[str], remove: set[str], size: int) -> None:
+    net = rules.NetChanges(add - remove, remove)
+    chunks = rules.chunk_changes(net, size)
+    seen = [i for a, r in chunks for i in a + r]
+    assert all(len(a) + len(r) <= size for a, r in chunks)
+    assert len(seen) == len(set(seen)) == len(net)
+    assert {i for a, _ in chunks for i in a} == net.add
+    assert {i for _, r in chunks for i in r} == net.remove
+    assert rules.chunk_changes(net, size) == chunks  # deterministic
+
+
+@settings(max_examples=200)
+@given(pages=st.lists(page_strategy, min_size=1, max_size=8), start=st.sets(ids))
+def test_applying_the_net_delta_gives_the_list_the_pages_describe(
+        pages: list[tuple[list[str], list[str]]], start: set[str]) -> None:
+    # The list the pages describe: apply each page in order, a conflicting id untouched by its page.
+    members = set(start)
+    for add, remove in pages:
+        both = set(add) & set(remove)
+        members = (members - (set(remove) - both)) | (set(add) - both)
+    net = rules.net_changes({n: rules.page_changes(a, r) for n, (a, r) in enumerate(pages, start=1)})
+    assert not net.add & net.remove
+    after = set(start)
+    for a, r in rules.chunk_changes(net, 3):
+        after = rules.apply_changes(after, a, r)
+    assert after == members
