@@ -89,14 +89,13 @@ def create_app(settings: Settings) -> faust.App:
 
     options = _table_options(store)
 
-    def table(name: str, value_serializer: str = "json") -> faust.Table:
-        return app.Table(name, default=None, partitions=settings.topic_partitions,
-                         options=dict(options) if options else None,
-                         schema=faust.Schema(key_type=str, key_serializer="json",
-                                             value_serializer=value_serializer))
+    def table(name: str, value_type: type | None = None) -> faust.Table:
+        # Faust picks serializers from key_type/value_type: str keys as JSON, bytes values raw, others JSON.
+        return app.Table(name, default=None, partitions=settings.topic_partitions, key_type=str,
+                         value_type=value_type, options=dict(options) if options else None)
 
     assembler = Assembler(
-        table("pages", "raw"), table("syncs"), table("segments"), table("done"),
+        table("pages", bytes), table("syncs"), table("segments"), table("done"),
         chunk_size=settings.delta_chunk_size,
         timeout_seconds=settings.sync_timeout_seconds,
         partial_policy=settings.partial_policy,
