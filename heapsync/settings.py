@@ -146,6 +146,13 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = Field(3600.0, gt=0)
     partial_policy: Literal["emit", "dead-letter"] = "emit"
     delta_chunk_size: int = Field(5000, ge=1)
+    processor_recovery_consistency_check: bool = Field(
+        True, description="Faust's check that local RocksDB state is not ahead of its changelog. Tansu reports a "
+        "partition's end as the first offset of its last batch, which trips the check after a restart: off on Tansu."
+    )
+    processor_session_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long the group waits for a silent worker before moving its partitions."
+    )
 
     # sinks
     sink_group: str = "heapsync-cordial-sink"

@@ -79,6 +79,9 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_every=100,
         table_standby_replicas=0,
+        recovery_consistency_check=settings.processor_recovery_consistency_check,
+        broker_session_timeout=settings.processor_session_timeout_seconds,
+        broker_heartbeat_interval=min(3.0, settings.processor_session_timeout_seconds / 3),
     )
     pages_topic = app.topic(topics.pages, key_type=bytes, value_type=bytes,
                             partitions=settings.topic_partitions)
