@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,9 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    # Tansu keeps its data in memory: a fresh broker means the worker's RocksDB state of an earlier
+    # run describes topics that no longer exist, so it goes too.
+    shutil.rmtree(DEV_DIR / "processor", ignore_errors=True)
     broker = EmbeddedBroker(log_path=DEV_DIR / "broker.log")
     children = Children(DEV_DIR)
     try:

@@ -118,14 +118,18 @@ class Assembler:
     # -- inputs -----------------------------------------------------------
 
     def on_sync_page(self, account: str, payload: HeapSync, *, partition: int, now: float,
-                     replay_id: str | None = None) -> Step:
+                     replay_id: str | None = None, add: Iterable[str] | None = None,
+                     remove: Iterable[str] | None = None) -> Step:
+        """One sync page. ``add``/``remove``, when given, are the page's ids (already taken out of
+        ``payload`` by the record parser); otherwise the payload's members are used."""
         info = payload.data.sync_info
         page = info.page_number
         skey = rules.sync_key(account, "sync", info.sync_task_id, replay_id)
         seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
-        changes = rules.page_changes((m.id for m in payload.data.add or ()),
-                                     (m.id for m in payload.data.remove or ()))
+        changes = rules.page_changes(
+            add if add is not None else [m.id for m in payload.data.add or ()],
+            remove if remove is not None else [m.id for m in payload.data.remove or ()])
         encoded = changes.encode()
 
         finished = self.done.get(skey)

@@ -5,8 +5,8 @@ How a sync becomes a delta:
 1. ``page_changes``: a page's adds and removes; an id in both is a conflict and
    is left out of that page.
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
-3. ``chunk_changes``: the net changes, sorted, cut into chunks of at most N ids,
-   so the same sync always gives the same chunks.
+3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
+   deterministic order, so the same sync always gives the same chunks.
 4. ``list_name``: the Cordial list is the segment name with whitespace removed.
 
 Plus the small decisions around them: how a page is stored (``encode_page``),
@@ -74,34 +74,39 @@ def page_changes(add: Iterable[str], remove: Iterable[str]) -> PageChanges:
 
 @dataclass
 class NetChanges:
-    add: set[str] = field(default_factory=set)
-    remove: set[str] = field(default_factory=set)
+    """A sync's net change: each id once, in ``add`` or ``remove``, in a deterministic order."""
+
+    add: list[str] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.add) + len(self.remove)
 
 
 def net_changes(pages: Mapping[int, PageChanges] | Sequence[tuple[int, PageChanges]]) -> NetChanges:
-    """Apply pages in page-number order; an id's last appearance wins."""
+    """Apply pages in page-number order; an id's last appearance wins.
+
+    Ids come out in the order they first appear (page order, then each page's
+    sorted order): deterministic for the same pages, with no global sort of a
+    possibly million-id sync.
+    """
     items = sorted(pages.items() if isinstance(pages, Mapping) else pages, key=lambda kv: kv[0])
     state: dict[str, bool] = {}
     for _, page in items:
         state.update(dict.fromkeys(page.add, True))
         state.update(dict.fromkeys(page.remove, False))
-    net = NetChanges()
-    for i, member in state.items():
-        (net.add if member else net.remove).add(i)
-    return net
+    return NetChanges(add=[i for i, member in state.items() if member],
+                      remove=[i for i, member in state.items() if not member])
 
 
 def chunk_changes(net: NetChanges, chunk_size: int) -> list[tuple[list[str], list[str]]]:
-    """Deterministic chunks of at most ``chunk_size`` ids: removes first, then adds, each sorted.
+    """Chunks of at most ``chunk_size`` ids, removes first, then adds, in the net's order.
 
     An empty delta is one empty chunk, so that consumers still see the sync happened.
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    removes, adds = sorted(net.remove), sorted(net.add)
+    removes, adds = net.remove, net.add
     if not removes and not adds:
         return [([], [])]
     chunks: list[tuple[list[str], list[str]]] = []

@@ -77,6 +77,8 @@ def create_app(settings: Settings) -> faust.App:
         producer_linger_ms=1,
         producer_max_batch_size=1024 * 1024,
         consumer_auto_offset_reset="earliest",
+        # Pages are tens of KB: the 1 MB default fetches only a few dozen per round trip.
+        consumer_max_fetch_size=16 * 1024 * 1024,
         broker_commit_every=100,
         table_standby_replicas=0,
         recovery_consistency_check=settings.processor_recovery_consistency_check,
@@ -158,7 +160,7 @@ def create_app(settings: Settings) -> faust.App:
         payload = record.payload
         if isinstance(payload, HeapSync):
             return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
-                                          replay_id=record.replay_id)
+                                          replay_id=record.replay_id, add=record.add, remove=record.remove)
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
                                       partition=partition, now=time.time(), replay_id=record.replay_id)

@@ -98,7 +98,7 @@ def make_sync(rnd: random.Random, pages: int, per_page: int, tag: str) -> Pages:
 
 def expected_net(pages: Pages) -> tuple[set[str], set[str]]:
     net = rules.net_changes({n: rules.page_changes(a, r) for n, (a, r) in enumerate(pages, start=1)})
-    return net.add, net.remove
+    return set(net.add), set(net.remove)
 
 
 def assert_exact(chunks: list[Delta], pages: Pages) -> None:

@@ -26,19 +26,25 @@ def test_last_appearance_wins_in_page_order() -> None:
     pages = {2: rules.page_changes([], ["a"]), 1: rules.page_changes(["a", "b"], []),
              3: rules.page_changes(["c"], ["b"])}
     net = rules.net_changes(pages)
-    assert (net.add, net.remove) == ({"c"}, {"a", "b"})
+    assert (net.add, net.remove) == (["c"], ["a", "b"])
 
 
 def test_conflict_in_a_page_leaves_earlier_pages_in_force() -> None:
     # page 2 both adds and removes "a": page 2 says nothing about "a", so page 1's add stands
     net = rules.net_changes({1: rules.page_changes(["a"], []), 2: rules.page_changes(["a"], ["a"])})
-    assert (net.add, net.remove) == ({"a"}, set())
+    assert (net.add, net.remove) == (["a"], [])
 
 
 def test_digest_ignores_order_and_repeats_but_not_content() -> None:
     a = rules.page_changes(["x", "y"], ["z"]).digest()
     assert a == rules.page_changes(["y", "x", "x"], ["z"]).digest()
     assert a != rules.page_changes(["x"], ["y", "z"]).digest()
+
+
+def test_net_order_is_deterministic_whatever_the_page_arrival_order() -> None:
+    pages = [(1, rules.page_changes(["b", "a"], [])), (2, rules.page_changes(["c"], ["a"]))]
+    assert rules.net_changes(pages) == rules.net_changes(list(reversed(pages)))
+    assert rules.net_changes(pages).add == ["b", "c"]
 
 
 def test_empty_delta_is_one_empty_chunk() -> None:
@@ -60,13 +66,13 @@ def test_keys_do_not_collide_whatever_the_sync_id() -> None:
 
 @given(add=st.sets(ids), remove=st.sets(ids), size=st.integers(1, 7))
 def test_chunks_partition_the_ids(add: set[str], remove: set[str], size: int) -> None:
-    net = rules.NetChanges(add - remove, remove)
+    net = rules.NetChanges(sorted(add - remove), sorted(remove))
     chunks = rules.chunk_changes(net, size)
     seen = [i for a, r in chunks for i in a + r]
     assert all(len(a) + len(r) <= size for a, r in chunks)
     assert len(seen) == len(set(seen)) == len(net)
-    assert {i for a, _ in chunks for i in a} == net.add
-    assert {i for _, r in chunks for i in r} == net.remove
+    assert [i for a, _ in chunks for i in a] == net.add
+    assert [i for _, r in chunks for i in r] == net.remove
     assert rules.chunk_changes(net, size) == chunks  # deterministic
 
 
@@ -80,7 +86,8 @@ def test_applying_the_net_delta_gives_the_list_the_pages_describe(
         both = set(add) & set(remove)
         members = (members - (set(remove) - both)) | (set(add) - both)
     net = rules.net_changes({n: rules.page_changes(a, r) for n, (a, r) in enumerate(pages, start=1)})
-    assert not net.add & net.remove
+    assert not set(net.add) & set(net.remove)
+    assert len(set(net.add)) == len(net.add) and len(set(net.remove)) == len(net.remove)
     after = set(start)
     for a, r in rules.chunk_changes(net, 3):
         after = rules.apply_changes(after, a, r)

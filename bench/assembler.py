@@ -1,0 +1,236 @@
+"""Assembler benchmark: a 1,000,000-user initial sync (1,000 pages of 1,000 ids) through the real worker.
+
+Run: ``.venv/bin/python -m bench assembler`` (``make bench`` runs every benchmark).
+
+1. An embedded Tansu broker; a real ``heapsync process`` worker (default store,
+   RocksDB) is started and warmed up with a one-page sync.
+2. The 1,000 pages are produced into the pages topic as the ingress writes them
+   (``PageRecord`` JSON, key account+segment). Measured: time from the first page
+   produced to the last delta chunk read back (ids/s), time from the last page
+   acknowledged by the broker to the last chunk out, the worker's peak RSS.
+3. Ceiling, same run, same pages into a fresh topic: a plain confluent-kafka
+   consumer in its own process reading them and building the same net add and
+   remove sets in Python, measured the same way (first page produced -> sets built).
+
+Targets (issue 4): >= 50% of the ceiling's ids/s; last chunk <= 5 s after the last
+page; worker peak RSS < 400 MB.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+PAGES = int(os.environ.get("BENCH_ASSEMBLER_PAGES", "1000"))
+PER_PAGE = int(os.environ.get("BENCH_ASSEMBLER_PER_PAGE", "1000"))
+PARTITIONS = 3
+ACCOUNT = "bench"
+SEGMENT = "777"
+
+
+def build_pages(sync_id: str) -> list[bytes]:
+    from heapsync.contracts import PageRecord
+    from heapsync.samples import heap_request
+
+    out = []
+    for n in range(1, PAGES + 1):
+        ids = [f"user{i:07d}@example.com" for i in range((n - 1) * PER_PAGE, n * PER_PAGE)]
+        record = PageRecord(account=ACCOUNT, request_id=str(uuid.uuid4()), received_at=datetime.now(timezone.utc),
+                            payload=heap_request(sync_id, n, PAGES, add=ids, remove=[], segment_id=SEGMENT,
+                                                 segment_name="Bench Segment"))
+        out.append(record.model_dump_json().encode())
+    return out
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes]) -> tuple[float, float]:
+    """Produce like the ingress (idempotent, acks=all); returns (first produce, last page acked) times."""
+    from confluent_kafka import Producer
+
+    from ingest.app import record_key
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                         "linger.ms": 2, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024})
+    acked: list[float] = []
+    key = record_key(ACCOUNT, SEGMENT)
+    t0 = time.time()
+    for v in values:
+        while True:
+            try:
+                producer.produce(topic, v, key=key, on_delivery=lambda err, msg: acked.append(time.time()))
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    if producer.flush(60) != 0 or len(acked) != len(values):
+        raise RuntimeError("pages were not all acknowledged")
+    return t0, max(acked)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class DeltaWatcher(threading.Thread):
+    """Reads the deltas topic in a thread; notes when each delta's last missing chunk arrives."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        super().__init__(daemon=True)
+        from confluent_kafka import Consumer
+
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{uuid.uuid4().hex[:8]}",
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                                  "fetch.max.bytes": 64 * 1024 * 1024})
+        self.consumer.subscribe([topic])
+        self.chunks: dict[str, set[int]] = {}
+        self.done_at: dict[str, float] = {}
+        self.ids: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        import orjson
+
+        while not self.stop.is_set():
+            msg = self.consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            d = orjson.loads(msg.value())
+            seen = self.chunks.setdefault(d["delta_id"], set())
+            if d["chunk"] not in seen:
+                seen.add(d["chunk"])
+                self.ids[d["delta_id"]] = self.ids.get(d["delta_id"], 0) + len(d["add"]) + len(d["remove"])
+            if len(seen) == d["chunks"] and d["delta_id"] not in self.done_at:
+                self.done_at[d["delta_id"]] = time.time()
+        self.consumer.close()
+
+    def wait(self, delta_id: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while delta_id not in self.done_at:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"delta {delta_id} incomplete after {timeout}s: {len(self.chunks.get(delta_id, ()))} chunks")
+            time.sleep(0.02)
+        return self.done_at[delta_id]
+
+
+def ceiling_main() -> None:
+    """The ceiling, in its own process: read the pages, build the net add/remove sets, print when done."""
+    import orjson
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    bootstrap, topic, pages = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"ceiling-{uuid.uuid4().hex[:8]}",
+                         "enable.auto.commit": False, "fetch.max.bytes": 64 * 1024 * 1024})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    consumer.poll(0.5)
+    print("ready", flush=True)
+    received: dict[int, tuple[list[str], list[str]]] = {}
+    while len(received) < pages:
+        for msg in consumer.consume(500, 0.1):
+            if msg.error():
+                continue
+            data = orjson.loads(msg.value())["payload"]["data"]
+            received[data["sync_info"]["page_number"]] = (
+                [m["id"] for m in data.get("add") or ()], [m["id"] for m in data.get("remove") or ()])
+    state: dict[str, bool] = {}
+    for n in sorted(received):
+        add, remove = received[n]
+        state.update(dict.fromkeys(add, True))
+        state.update(dict.fromkeys(remove, False))
+    adds = {i for i, member in state.items() if member}
+    removes = {i for i, member in state.items() if not member}
+    print(f"done {time.time():.6f} {len(adds) + len(removes)} {peak_rss_mb(os.getpid()):.1f}", flush=True)
+    consumer.close()
+
+
+def main() -> None:
+    from heapsync.broker import EmbeddedBroker, die_with_parent
+    from heapsync.contracts import delta_id_for
+    from heapsync.kafka import ensure_topics
+    from heapsync.settings import Settings
+
+    total_ids = PAGES * PER_PAGE
+    with tempfile.TemporaryDirectory(prefix="bench-assembler-") as tmp, \
+            EmbeddedBroker(log_path=Path(tmp) / "tansu.log") as broker:
+        prefix = f"bench{uuid.uuid4().hex[:8]}"
+        settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=prefix, topic_partitions=PARTITIONS)
+        ensure_topics(settings)
+        env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": broker.bootstrap, "HEAPSYNC_TOPIC_PREFIX": prefix,
+               "HEAPSYNC_TOPIC_PARTITIONS": str(PARTITIONS), "HEAPSYNC_PROCESSOR_GROUP": f"{prefix}-assembler",
+               "HEAPSYNC_PROCESSOR_DATA_DIR": str(Path(tmp) / "processor"), "HEAPSYNC_LOG_LEVEL": "WARNING"}
+        worker_log = open(Path(tmp) / "worker.log", "wb")
+        profile = os.environ.get("BENCH_ASSEMBLER_PROFILE")  # a path: write the worker's cProfile there
+        wrap = ["-m", "cProfile", "-o", profile] if profile else []
+        worker = subprocess.Popen([sys.executable, *wrap, "-m", "heapsync.cli", "process"], env=env, stdout=worker_log,
+                                  stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        watcher = DeltaWatcher(broker.bootstrap, settings.topics.deltas)
+        watcher.start()
+        try:
+            warm = str(uuid.uuid4())
+            from heapsync.contracts import PageRecord
+            from heapsync.samples import heap_request
+
+            warm_page = PageRecord(account=ACCOUNT, request_id="warm", received_at=datetime.now(timezone.utc),
+                                   payload=heap_request(warm, 1, 1, add=["warm@example.com"], segment_id="1"))
+            t = time.time()
+            produce(broker.bootstrap, settings.topics.pages, [warm_page.model_dump_json().encode()])
+            watcher.wait(delta_id_for(ACCOUNT, warm), timeout=180)
+            print(f"  worker ready after {time.time() - t:.1f} s (group join, recovery)")
+
+            sync = str(uuid.uuid4())
+            pages = build_pages(sync)
+            print(f"  {PAGES} pages of {PER_PAGE} ids, {sum(map(len, pages)) / 1e6:.1f} MB of PageRecord JSON")
+            t0, last_page = produce(broker.bootstrap, settings.topics.pages, pages)
+            last_chunk = watcher.wait(delta_id_for(ACCOUNT, sync), timeout=600)
+            rss = peak_rss_mb(worker.pid)
+            got = watcher.ids[delta_id_for(ACCOUNT, sync)]
+            if got != total_ids:
+                raise RuntimeError(f"delta has {got} ids, expected {total_ids}")
+        finally:
+            watcher.stop.set()
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            watcher.join(5)
+        worker_seconds = last_chunk - t0
+        chunks = len(watcher.chunks[delta_id_for(ACCOUNT, sync)])
+
+        # Ceiling: same pages, fresh topic, plain consumer in its own process.
+        ceiling_topic = f"{prefix}.ceiling"
+        ensure_topics(Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=f"{prefix}c",
+                               topic_partitions=PARTITIONS))
+        ceiling_topic = Settings(topic_prefix=f"{prefix}c").topics.pages
+        ceiling = subprocess.Popen([sys.executable, "-c", "from bench.assembler import ceiling_main; ceiling_main()",
+                                    broker.bootstrap, ceiling_topic, str(PAGES)],
+                                   stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+        assert ceiling.stdout is not None
+        if ceiling.stdout.readline().strip() != "ready":
+            raise RuntimeError("ceiling consumer did not start")
+        c0, c_last_page = produce(broker.bootstrap, ceiling_topic, pages)
+        _, done_at, ceiling_ids, ceiling_rss = ceiling.stdout.readline().split()
+        ceiling.wait(30)
+        ceiling_seconds = float(done_at) - c0
+
+    worker_rate, ceiling_rate = total_ids / worker_seconds, total_ids / ceiling_seconds
+    print(f"  assembler: {worker_rate:,.0f} ids/s ({worker_seconds:.2f} s first page produced -> last of "
+          f"{chunks} chunks out); last chunk {last_chunk - last_page:.2f} s after last page in topic "
+          f"(target <= 5 s); worker peak RSS {rss:.0f} MB (target < 400 MB)")
+    print(f"  ceiling:   {ceiling_rate:,.0f} ids/s ({ceiling_seconds:.2f} s, plain confluent-kafka consumer "
+          f"building the net sets of {int(ceiling_ids):,} ids; sets built {float(done_at) - c_last_page:.2f} s "
+          f"after last page; peak RSS {float(ceiling_rss):.0f} MB)")
+    print(f"  ratio:     {worker_rate / ceiling_rate:.0%} of ceiling (target >= 50%)")
+
+
+if __name__ == "__main__":
+    main()
