@@ -165,7 +165,7 @@ def main() -> None:
         ensure_topics(settings)
         env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": broker.bootstrap, "HEAPSYNC_TOPIC_PREFIX": prefix,
                "HEAPSYNC_TOPIC_PARTITIONS": str(PARTITIONS), "HEAPSYNC_PROCESSOR_GROUP": f"{prefix}-assembler",
-               "HEAPSYNC_PROCESSOR_DATA_DIR": str(Path(tmp) / "processor"), "HEAPSYNC_LOG_LEVEL": "WARNING"}
+               "HEAPSYNC_PROCESSOR_DATA_DIR": str(Path(tmp) / "processor"), "HEAPSYNC_LOG_LEVEL": os.environ.get("BENCH_ASSEMBLER_LOG_LEVEL", "WARNING")}
         worker_log = open(Path(tmp) / "worker.log", "wb")
         profile = os.environ.get("BENCH_ASSEMBLER_PROFILE")  # a path: write the worker's cProfile there
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
@@ -203,6 +203,9 @@ def main() -> None:
                 worker.kill()
                 worker.wait()
             watcher.join(5)
+            worker_log.close()
+            if os.environ.get("BENCH_ASSEMBLER_KEEP_LOG"):
+                Path(os.environ["BENCH_ASSEMBLER_KEEP_LOG"]).write_bytes((Path(tmp) / "worker.log").read_bytes())
         worker_seconds = last_chunk - t0
         chunks = len(watcher.chunks[delta_id_for(ACCOUNT, sync)])
 

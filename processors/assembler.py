@@ -95,6 +95,14 @@ class Output:
         self.dead_letters.extend(other.dead_letters)
 
 
+@dataclass
+class _Running:
+    """In-memory net state of a sync whose pages 1..next_page-1 are applied (a cache, never the truth)."""
+
+    next_page: int = 1
+    state: dict[str, bool] = field(default_factory=dict)
+
+
 class Assembler:
     def __init__(
         self,
@@ -106,6 +114,7 @@ class Assembler:
         chunk_size: int = 5000,
         timeout_seconds: float = 3600.0,
         partial_policy: PartialPolicy = "emit",
+        cache_max_ids: int = 2_000_000,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
@@ -114,6 +123,16 @@ class Assembler:
         self.timeout_seconds = timeout_seconds
         self.partial_policy = partial_policy
         self.counters = Counters()
+        # Net state built while pages arrive, so a big sync's delta is ready when its last page is.
+        # Only an optimisation: emission falls back to the stored pages, and the shell clears it on
+        # rebalance. Bounded by the number of ids held.
+        self.cache_max_ids = cache_max_ids
+        self._running: dict[str, _Running | None] = {}
+        self._cached_ids = 0
+
+    def clear_cache(self) -> None:
+        self._running.clear()
+        self._cached_ids = 0
 
     # -- inputs -----------------------------------------------------------
 
@@ -175,7 +194,44 @@ class Assembler:
             self.pages[pkey] = encoded
             meta["received"] += 1
         self.syncs[skey] = meta
+        self._advance(skey, page, changes if previous is None else None, meta["total"])
+        # An incomplete sync cannot release its segment's queue (timeouts are the ticks' job), so
+        # most pages skip the queue check. A repeat always re-checks: it may be a redelivery after
+        # a crash that stopped between storing the last page and emitting.
+        if previous is None and meta["received"] < meta["total"]:
+            return Step()
         return Step(segments=[seg])
+
+    def _advance(self, skey: str, page: int, changes: rules.PageChanges | None, total: int) -> None:
+        """Apply pages to the sync's running net state, in page order, as far as they are in."""
+        if skey not in self._running:
+            self._running[skey] = _Running()
+        run = self._running[skey]
+        if run is None:
+            return  # over the memory bound: this sync is assembled from its stored pages at the end
+        while run.next_page <= total:
+            if run.next_page == page and changes is not None:
+                current: rules.PageChanges | None = changes
+            else:
+                raw = self.pages.get(rules.page_key(skey, run.next_page))
+                current = rules.decode_page(raw) if raw is not None else None
+            if current is None:
+                return
+            before = len(run.state)
+            run.state.update(dict.fromkeys(current.add, True))
+            run.state.update(dict.fromkeys(current.remove, False))
+            self._cached_ids += len(run.state) - before
+            run.next_page += 1
+            if self._cached_ids > self.cache_max_ids:
+                self._drop_running(skey, keep_marker=True)
+                return
+
+    def _drop_running(self, skey: str, keep_marker: bool = False) -> None:
+        run = self._running.pop(skey, None)
+        if run is not None:
+            self._cached_ids -= len(run.state)
+        if keep_marker:
+            self._running[skey] = None
 
     def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float,
                  replay_id: str | None = None) -> Step:
@@ -252,6 +308,7 @@ class Assembler:
             self.counters.partial_deltas += 0 if em.complete else 1
 
     def forget(self, em: Emission) -> None:
+        self._drop_running(em.sync_key)
         self._cleanup(em.sync_key, em.segment_key, self.syncs.get(em.sync_key), em.stored_pages)
 
     def drive(self, step: Step, now: float) -> Output:
@@ -359,15 +416,19 @@ class Assembler:
         if not complete:
             log.warning("sync timed out with pages missing; partial delta emitted",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
-        deltas = self._deltas(meta, stored, complete, missing)
+        deltas = self._deltas(skey, meta, stored, complete, missing)
         return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored))
 
-    def _deltas(self, meta: dict[str, Any], stored: dict[int, bytes], complete: bool,
+    def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, bytes], complete: bool,
                 missing: list[int]) -> list[Delta]:
         if meta["kind"] == "drain":
             chunks: list[tuple[list[str], list[str]]] = [([], [])]
         else:
-            net = rules.net_changes([(p, rules.decode_page(stored[p])) for p in sorted(stored)])
+            run = self._running.get(skey)
+            if complete and run is not None and run.next_page > meta["total"]:
+                net = rules.net_from_state(run.state)
+            else:
+                net = rules.net_changes([(p, rules.decode_page(stored[p])) for p in sorted(stored)])
             chunks = rules.chunk_changes(net, self.chunk_size)
         common: dict[str, Any] = dict(
             delta_id=delta_id_for(meta["account"], meta["ref"]),

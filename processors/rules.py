@@ -95,6 +95,11 @@ def net_changes(pages: Mapping[int, PageChanges] | Sequence[tuple[int, PageChang
     for _, page in items:
         state.update(dict.fromkeys(page.add, True))
         state.update(dict.fromkeys(page.remove, False))
+    return net_from_state(state)
+
+
+def net_from_state(state: dict[str, bool]) -> NetChanges:
+    """Split id -> member-or-not (built in page order) into the net adds and removes."""
     return NetChanges(add=[i for i, member in state.items() if member],
                       remove=[i for i, member in state.items() if not member])
 

@@ -24,6 +24,7 @@ complete are timed out without touching tables from outside a stream.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -138,13 +139,21 @@ def create_app(settings: Settings) -> faust.App:
 
     async def emit_ready(step: Step) -> None:
         for seg in step.segments:
-            while (em := assembler.next_emission(seg, time.time())) is not None:
+            while True:
+                started = time.perf_counter()
+                em = assembler.next_emission(seg, time.time())
+                if em is None:
+                    break
+                built = time.perf_counter()
                 await publish(em)
+                log.debug("emission built in %d ms, published in %d ms", (built - started) * 1000,
+                          (time.perf_counter() - built) * 1000)
                 assembler.mark_emitted(em)
                 await app.producer.flush()  # the done marker is durable before the pages go
                 assembler.forget(em)
 
     def handle(raw: bytes, partition: int) -> Step:
+        log.debug("record %d bytes", len(raw))
         if is_tick(raw):
             step = assembler.on_tick(partition=partition)
             metrics.set_open_syncs(partition, step.open_syncs or 0)
@@ -172,6 +181,11 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(pages_topic)
     async def assemble(stream: Any) -> Any:
+        # A page makes ~1,000 short-lived dicts; with the default thresholds the collector keeps
+        # rescanning Faust's long-lived objects. Freeze those and collect young objects less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         async for event in stream.events():
             step = handle(event.value, event.message.partition)
             if step.dead_letters:
@@ -179,6 +193,15 @@ def create_app(settings: Settings) -> faust.App:
             await emit_ready(step)
             exporter.update(assembler.counters)
             yield None
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+        # Another worker may take these partitions over; our in-memory net states would go stale.
+        assembler.clear_cache()
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        assembler.clear_cache()
 
     @app.timer(interval=tick_interval(settings.sync_timeout_seconds), on_leader=True)
     async def tick() -> None:
