@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, MutableMapping
+from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from processors import rules
@@ -285,7 +285,7 @@ class Assembler:
                 continue
             if meta["kind"] == "drain":
                 return self._emission(head, meta, {}, complete=True, now=now)
-            stored: dict[int, bytes] = {}
+            stored: dict[int, str] = {}
             if meta["received"] >= meta["total"]:
                 stored = self._stored(head, meta["total"])
                 if len(stored) == meta["total"]:
@@ -354,13 +354,20 @@ class Assembler:
     def _recount(self, skey: str, total: int) -> int:
         return sum(1 for p in range(1, total + 1) if rules.page_key(skey, p) in self.pages)
 
-    def _stored(self, skey: str, total: int) -> dict[int, bytes]:
-        found: dict[int, bytes] = {}
+    def _stored(self, skey: str, total: int) -> dict[int, str]:
+        """Digest of each stored page of the sync (the pages themselves are read again only if needed)."""
+        found: dict[int, str] = {}
         for p in range(1, total + 1):
             raw = self.pages.get(rules.page_key(skey, p))
             if raw is not None:
-                found[p] = raw
+                found[p] = rules.digest(raw)
         return found
+
+    def _read_pages(self, skey: str, numbers: Iterable[int]) -> Iterator[rules.PageChanges]:
+        for p in numbers:
+            raw = self.pages.get(rules.page_key(skey, p))
+            if raw is not None:
+                yield rules.decode_page(raw)
 
     def _enqueue(self, seg: str, skey: str, partition: int) -> None:
         entry = self.segments.get(seg)
@@ -391,7 +398,7 @@ class Assembler:
             del self.syncs[skey]
         self._dequeue(seg, skey)
 
-    def _emission(self, skey: str, meta: dict[str, Any], stored: dict[int, bytes], *,
+    def _emission(self, skey: str, meta: dict[str, Any], stored: dict[int, str], *,
                   complete: bool, now: float) -> Emission:
         seg = meta["segment"]
         is_sync = meta["kind"] == "sync"
@@ -399,14 +406,15 @@ class Assembler:
         missing = rules.missing_pages(stored, total) if is_sync else []
         done_value: dict[str, Any] = {
             "at": now, "complete": complete,
-            "digests": [rules.digest(stored[p]) if p in stored else None for p in range(1, total + 1)],
+            "digests": [stored.get(p) for p in range(1, total + 1)],
         }
         if not complete and self.partial_policy == "dead-letter":
             done_value["outcome"] = "dead-letter"
             log.warning("sync timed out with pages missing; dead-lettered",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
-            pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(rules.decode_page(raw))))
-                     for p, raw in stored.items()}
+            numbers = sorted(stored)
+            pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(changes)))
+                     for p, changes in zip(numbers, self._read_pages(skey, numbers))}
             letter = DeadLetter("sync timed out with pages missing", skey, {
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
@@ -419,7 +427,7 @@ class Assembler:
         deltas = self._deltas(skey, meta, stored, complete, missing)
         return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored))
 
-    def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, bytes], complete: bool,
+    def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool,
                 missing: list[int]) -> list[Delta]:
         if meta["kind"] == "drain":
             chunks: list[tuple[list[str], list[str]]] = [([], [])]
@@ -428,7 +436,7 @@ class Assembler:
             if complete and run is not None and run.next_page > meta["total"]:
                 net = rules.net_from_state(run.state)
             else:
-                net = rules.net_changes([(p, rules.decode_page(stored[p])) for p in sorted(stored)])
+                net = rules.net_of_ordered(self._read_pages(skey, sorted(stored)))
             chunks = rules.chunk_changes(net, self.chunk_size)
         common: dict[str, Any] = dict(
             delta_id=delta_id_for(meta["account"], meta["ref"]),

@@ -91,8 +91,13 @@ def net_changes(pages: Mapping[int, PageChanges] | Sequence[tuple[int, PageChang
     possibly million-id sync.
     """
     items = sorted(pages.items() if isinstance(pages, Mapping) else pages, key=lambda kv: kv[0])
+    return net_of_ordered(page for _, page in items)
+
+
+def net_of_ordered(pages: Iterable[PageChanges]) -> NetChanges:
+    """``net_changes`` for pages already in page order, taken one at a time (bounded memory)."""
     state: dict[str, bool] = {}
-    for _, page in items:
+    for page in pages:
         state.update(dict.fromkeys(page.add, True))
         state.update(dict.fromkeys(page.remove, False))
     return net_from_state(state)

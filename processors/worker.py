@@ -79,7 +79,7 @@ def create_app(settings: Settings) -> faust.App:
         producer_max_batch_size=1024 * 1024,
         consumer_auto_offset_reset="earliest",
         # Pages are tens of KB: the 1 MB default fetches only a few dozen per round trip.
-        consumer_max_fetch_size=16 * 1024 * 1024,
+        consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=100,
         table_standby_replicas=0,
         recovery_consistency_check=settings.processor_recovery_consistency_check,
