@@ -150,6 +150,9 @@ class Settings(BaseSettings):
         True, description="Faust's check that local RocksDB state is not ahead of its changelog. Tansu reports a "
         "partition's end as the first offset of its last batch, which trips the check after a restart: off on Tansu."
     )
+    processor_standby_replicas: int = Field(
+        1, ge=0, description="Standby copies of each table partition kept by other workers (fast, complete takeover)."
+    )
     processor_session_timeout_seconds: float = Field(
         60.0, gt=0, description="How long the group waits for a silent worker before moving its partitions."
     )

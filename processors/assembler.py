@@ -292,6 +292,8 @@ class Assembler:
                     return self._emission(head, meta, stored, complete=True, now=now)
                 meta = {**meta, "received": len(stored)}  # the counter ran ahead of the pages: repair
                 self.syncs[head] = meta
+                log.warning("sync's page counter ran ahead of its stored pages; repaired",
+                            extra={"sync": head, "stored": len(stored), "total_pages": meta["total"]})
             if now - meta["started_at"] >= self.timeout_seconds:
                 stored = stored or self._stored(head, meta["total"])
                 return self._emission(head, meta, stored, complete=False, now=now)

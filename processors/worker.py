@@ -81,7 +81,7 @@ def create_app(settings: Settings) -> faust.App:
         # Pages are tens of KB: the 1 MB default fetches only a few dozen per round trip.
         consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=100,
-        table_standby_replicas=0,
+        table_standby_replicas=settings.processor_standby_replicas,
         recovery_consistency_check=settings.processor_recovery_consistency_check,
         broker_session_timeout=settings.processor_session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, settings.processor_session_timeout_seconds / 3),
@@ -152,8 +152,7 @@ def create_app(settings: Settings) -> faust.App:
                 await app.producer.flush()  # the done marker is durable before the pages go
                 assembler.forget(em)
 
-    def handle(raw: bytes, partition: int) -> Step:
-        log.debug("record %d bytes", len(raw))
+    def handle(raw: bytes, partition: int, offset: int = -1) -> Step:
         if is_tick(raw):
             step = assembler.on_tick(partition=partition)
             metrics.set_open_syncs(partition, step.open_syncs or 0)
@@ -168,6 +167,10 @@ def create_app(settings: Settings) -> faust.App:
                 "value": raw.decode("utf-8", "replace")})])
         payload = record.payload
         if isinstance(payload, HeapSync):
+            if log.isEnabledFor(logging.DEBUG):
+                info = payload.data.sync_info
+                log.debug("page %s/%s of sync %s segment %s partition %s offset %s", info.page_number,
+                          info.total_pages, info.sync_task_id[:8], payload.data.segment.id, partition, offset)
             return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
                                           replay_id=record.replay_id, add=record.add, remove=record.remove)
         if isinstance(payload, HeapDrain):
@@ -187,7 +190,7 @@ def create_app(settings: Settings) -> faust.App:
         gc.freeze()
         gc.set_threshold(50_000, 20, 20)
         async for event in stream.events():
-            step = handle(event.value, event.message.partition)
+            step = handle(event.value, event.message.partition, event.message.offset)
             if step.dead_letters:
                 await send_dead_letters(step.dead_letters)
             await emit_ready(step)
