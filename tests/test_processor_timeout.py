@@ -1,0 +1,50 @@
+"""Timeouts through the real worker: ticks on the pages topic time out a sync that lost a page."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import orjson
+import pytest
+from confluent_kafka import Consumer
+
+from heapsync.contracts import delta_id_for
+from tests.conftest import Pipeline
+from tests.test_processor_crash import DeltaReader, post_pages, reader  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_letter(
+        pipeline: Pipeline, reader: DeltaReader) -> None:  # noqa: F811
+    pipeline.extra_env["HEAPSYNC_SYNC_TIMEOUT_SECONDS"] = "4"
+    pipeline.start_ingest()
+    pipeline.start("process", "process")
+
+    lossy, after = str(uuid.uuid4()), str(uuid.uuid4())
+    post_pages(pipeline, lossy, [(["a@example.com"], []), (["b@example.com"], [])], [1])
+    post_pages(pipeline, after, [(["c@example.com"], ["a@example.com"])], [1])
+
+    [partial] = reader.wait_for(delta_id_for("acme", lossy), timeout=180)
+    assert (partial.complete, partial.missing_pages, partial.add) == (False, [2], ["a@example.com"])
+    [later] = reader.wait_for(delta_id_for("acme", after))
+    assert later.complete and later.remove == ["a@example.com"]
+    assert reader.order.index((partial.delta_id, None)) < reader.order.index((later.delta_id, None))
+
+    # the missing page turns up after the partial delta went out: dead-lettered, not applied
+    post_pages(pipeline, lossy, [(["a@example.com"], []), (["b@example.com"], [])], [2])
+    dlq = Consumer({"bootstrap.servers": pipeline.broker.bootstrap, "group.id": f"{pipeline.prefix}-dlq",
+                    "auto.offset.reset": "earliest"})
+    dlq.subscribe([f"{pipeline.prefix}.deltas.dlq"])
+    letters = []
+    deadline = time.monotonic() + 60
+    while not letters and time.monotonic() < deadline:
+        msg = dlq.poll(0.5)
+        if msg is not None and not msg.error():
+            letters.append(orjson.loads(msg.value()))
+    dlq.close()
+    assert letters and letters[0]["reason"] == "late page for an emitted sync"
+    assert (letters[0]["page_number"], letters[0]["add"]) == (2, ["b@example.com"])
+    reader.poll(2.0)
+    assert len(reader.seen[(partial.delta_id, None)]) == 1  # nothing re-emitted for the late page
