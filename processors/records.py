@@ -12,6 +12,7 @@ messages end up in the dead letter.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from heapsync.contracts import (DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapEnvelo
                                 parse_heap_payload)
 
 TICK = b'{"control":"tick"}'
+_ID = operator.itemgetter("id")
 
 
 @dataclass(frozen=True)
@@ -52,12 +54,11 @@ def _member_ids(members: Any) -> list[str] | None:
     if type(members) is not list:
         return None
     try:
-        ids = [m["id"] for m in members]
+        ids = list(map(_ID, members))  # C-level loops: this runs for every id of every page
     except (TypeError, KeyError):
         return None
-    for i in ids:
-        if type(i) is not str or not i:
-            return None
+    if ids and (set(map(type, ids)) != {str} or "" in ids):
+        return None
     return ids
 
 
