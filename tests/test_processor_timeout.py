@@ -9,8 +9,9 @@ import orjson
 import pytest
 from confluent_kafka import Consumer
 
+from heapsync.broker import free_port
 from heapsync.contracts import delta_id_for
-from tests.conftest import Pipeline
+from tests.conftest import Pipeline, http
 from tests.test_processor_crash import DeltaReader, post_pages, reader  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.integration
 
 def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_letter(
         pipeline: Pipeline, reader: DeltaReader) -> None:  # noqa: F811
-    pipeline.extra_env["HEAPSYNC_SYNC_TIMEOUT_SECONDS"] = "4"
+    metrics_port = free_port()
+    pipeline.extra_env.update({"HEAPSYNC_SYNC_TIMEOUT_SECONDS": "4", "HEAPSYNC_METRICS_PORT": str(metrics_port)})
     pipeline.start_ingest()
     pipeline.start("process", "process")
 
@@ -48,3 +50,9 @@ def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_
     assert (letters[0]["page_number"], letters[0]["add"]) == (2, ["b@example.com"])
     reader.poll(2.0)
     assert len(reader.seen[(partial.delta_id, None)]) == 1  # nothing re-emitted for the late page
+
+    metrics = http("GET", f"http://127.0.0.1:{metrics_port}/metrics").body
+    for line in ("heapsync_assembler_partial_deltas_total 1.0", "heapsync_assembler_late_pages_total 1.0",
+                 "heapsync_assembler_pages_total 3.0", "heapsync_assembler_deltas_total 2.0"):
+        assert line in metrics, metrics
+    assert "heapsync_assembler_open_syncs{" in metrics
