@@ -186,9 +186,11 @@ class Assembler:
         previous = self.pages.get(pkey)
         if previous is not None:
             self._count_repeat(skey, page, rules.digest(previous), rules.digest(encoded))
-            # Re-assert the first copy: heals a crash that stored it locally but not in the changelog.
+            # Re-assert what a crash may have lost (each table has its own changelog): the first
+            # copy of the page, the page count, the sync's place in its segment's queue.
             self.pages[pkey] = previous
             meta["received"] = self._recount(skey, meta["total"])
+            self._enqueue(seg, skey, partition, meta["started_at"])
         else:
             self.counters.conflicts += changes.conflicts
             self.pages[pkey] = encoded
@@ -240,6 +242,9 @@ class Assembler:
         self.counters.pages += 1
         if skey in self.done or skey in self.syncs:
             self.counters.duplicate_pages += 1
+            meta = self.syncs.get(skey)
+            if meta is not None:
+                self._enqueue(seg, skey, partition, meta["started_at"])
             return Step(segments=[seg])
         self.syncs[skey] = {
             "account": account,
@@ -371,11 +376,21 @@ class Assembler:
             if raw is not None:
                 yield rules.decode_page(raw)
 
-    def _enqueue(self, seg: str, skey: str, partition: int) -> None:
+    def _enqueue(self, seg: str, skey: str, partition: int, started_at: float | None = None) -> None:
+        """Add a sync to its segment's queue, once. A new sync goes last; one put back after a
+        crash (``started_at`` given) goes before the syncs that started after it."""
         entry = self.segments.get(seg)
         queue = list(entry["q"]) if entry else []
-        if skey not in queue:
-            queue.append(skey)
+        if skey in queue:
+            return
+        position = len(queue)
+        if started_at is not None:
+            for i, other in enumerate(queue):
+                other_meta = self.syncs.get(other)
+                if other_meta is not None and other_meta["started_at"] > started_at:
+                    position = i
+                    break
+        queue.insert(position, skey)
         self.segments[seg] = {"p": partition, "q": queue}
 
     def _dequeue(self, seg: str, skey: str) -> None:

@@ -200,6 +200,19 @@ def test_a_stored_page_whose_count_was_lost_is_recounted_on_redelivery() -> None
     assert d.add == ["a", "b"]
 
 
+def test_a_sync_lost_from_its_segment_queue_is_put_back_in_start_order_on_redelivery() -> None:
+    asm, maps = new_assembler()
+    feed(asm, page("first", 1, 2, ["a"]), now=1)
+    feed(asm, page("second", 1, 1, ["b"]), now=2)  # complete, waits behind "first"
+    seg = rules.segment_key(ACCOUNT, "1")
+    first = rules.sync_key(ACCOUNT, "sync", "first", None)
+    maps[2][seg] = {**maps[2][seg], "q": [k for k in maps[2][seg]["q"] if k != first]}  # lost in a crash
+    out = feed(asm, page("first", 1, 2, ["a"]), now=3)  # the uncommitted page comes again
+    assert [d.sync_task_id for d in out.deltas] == []  # "second" still waits: "first" is back ahead of it
+    out = feed(asm, page("first", 2, 2, ["c"]), now=4)
+    assert [d.sync_task_id for d in out.deltas] == ["first", "second"]
+
+
 # -- properties ---------------------------------------------------------------
 
 USERS = [f"u{i}@example.com" for i in range(25)]
