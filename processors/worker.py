@@ -174,8 +174,11 @@ def create_app(settings: Settings) -> faust.App:
                 info = payload.data.sync_info
                 log.debug("page %s/%s of sync %s segment %s partition %s offset %s", info.page_number,
                           info.total_pages, info.sync_task_id[:8], payload.data.segment.id, partition, offset)
-            return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
+            step = assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
                                           replay_id=record.replay_id, add=record.add, remove=record.remove)
+            for letter in step.dead_letters:  # a late page: keep the whole record, so `heapsync dlq` can re-drive it
+                letter.detail["record"] = orjson.loads(raw)
+            return step
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
                                       partition=partition, now=time.time(), replay_id=record.replay_id)

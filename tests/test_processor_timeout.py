@@ -48,6 +48,7 @@ def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_
     dlq.close()
     assert letters and letters[0]["reason"] == "late page for an emitted sync"
     assert (letters[0]["page_number"], letters[0]["add"]) == (2, ["b@example.com"])
+    assert letters[0]["record"]["payload"]["data"]["sync_info"]["page_number"] == 2  # re-drivable as is
     reader.poll(2.0)
     assert len(reader.seen[(partial.delta_id, None)]) == 1  # nothing re-emitted for the late page
 
