@@ -67,6 +67,10 @@ def process() -> None:
 @cli.command()
 def sink() -> None:
     """Apply deltas to Cordial."""
+    import signal
+
+    # SIGTERM before the loop is up (still importing, connecting): nothing is in flight, exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     import asyncio
 
     from heapsync.kafka import ensure_topics

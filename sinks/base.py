@@ -334,6 +334,9 @@ class SinkRunner:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 3_600_000,
+            # a killed sink's partitions move to a restarted one after 10 s, not Kafka's default 45 s
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 3_000,
         }
 
     def _flow_control(self, consumer: Consumer) -> None:

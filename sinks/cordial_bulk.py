@@ -56,8 +56,9 @@ class BulkImporter:
             state = await self._follow(client, job_id)
             metrics.IMPORTS.labels(account, state.status if state else "timeout").inc()
             if state is None or state.status != cordial_import.DONE:
-                log.warning("contact import did not finish", extra={**ref, "job_id": job_id,
-                                                                    "status": state.status if state else "timeout"})
+                log.warning("contact import did not finish", extra={
+                    **ref, "job_id": job_id, "status": state.status if state else "timeout",
+                    "message": state.message if state else ""})
                 return None
         finally:
             self.files.withdraw(token)

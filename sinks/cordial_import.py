@@ -78,6 +78,7 @@ class JobState:
     updated: int = 0
     rejected: int = 0
     rejected_rows: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
 
     @property
     def final(self) -> bool:
@@ -101,4 +102,5 @@ def job_state_from(answer: Any) -> JobState:
         updated=_int(results.get("updated")),
         rejected=_int(results.get("rejected")),
         rejected_rows=[r for r in rows if isinstance(r, dict)],
+        message=str(doc.get("message") or doc.get("messages") or "")[:500],
     )

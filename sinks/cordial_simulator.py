@@ -23,6 +23,7 @@ import io
 import random
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -82,6 +83,9 @@ class Tenant:
 TENANT: Any = web.RequestKey("tenant", Tenant) if hasattr(web, "RequestKey") else "tenant"
 
 
+LABEL: Any = web.RequestKey("label", str) if hasattr(web, "RequestKey") else "label"
+
+
 class _Bucket:
     """Fixed one-second windows, like Cordial's per-period limit."""
 
@@ -123,6 +127,7 @@ class CordialSimulator:
         self.rate_limited = 0
         self.outage_answers = 0
         self.status_counts: dict[str, int] = {}
+        self.request_log: deque[tuple[float, str, int]] = deque(maxlen=200_000)  # (monotonic, label, status)
         self._tasks: set[asyncio.Task[None]] = set()
         self._fetcher: aiohttp.ClientSession | None = None
 
@@ -156,6 +161,7 @@ class CordialSimulator:
             return await handler(request)
         resp = await self._api(request, handler)
         self.status_counts[str(resp.status)] = self.status_counts.get(str(resp.status), 0) + 1
+        self.request_log.append((time.monotonic(), request.get(LABEL, "?"), resp.status))
         return resp
 
     async def _api(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -169,6 +175,7 @@ class CordialSimulator:
         if isinstance(found, web.Response):
             return found
         key, tenant = found
+        request[LABEL] = self.labels[key]
         limit = self.config.rate_limit_per_second
         headers: dict[str, str] = {}
         if limit:

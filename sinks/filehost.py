@@ -10,6 +10,7 @@ after it expires. Files are withdrawn when their import finishes. Another host
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -45,10 +46,14 @@ class SignedFileHost:
         self.files: dict[str, tuple[bytes, float]] = {}
         self.fetches = 0
         self._runner: web.AppRunner | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._runner is not None:
-            return
+        async with self._starting:  # concurrent first imports must share one server
+            if self._runner is None:
+                await self._start()
+
+    async def _start(self) -> None:
         app = web.Application()
         app.router.add_get("/imports/{name}", self._serve)
         self._runner = web.AppRunner(app, access_log=None)
