@@ -57,6 +57,8 @@ class DeltaSink(Protocol):
     """A downstream consumer of deltas."""
 
     name: str
+    # Optional class attribute ``concurrent = False``: the runner then applies one chunk at a
+    # time, in offset order, across all lists (for sinks that are not safe to call concurrently).
 
     async def start(self) -> None:
         """Open connections; called once before the first delta."""
@@ -150,6 +152,8 @@ class SinkRunner:
         self._paused = False
         self._failure: BaseException | None = None
         self._consumer: Consumer | None = None
+        self._concurrent = bool(getattr(sink, "concurrent", True))
+        self._parallel = settings.sink_lane_parallel_chunks if self._concurrent else 1
 
     def stop(self) -> None:
         self._stopping.set()
@@ -256,7 +260,7 @@ class SinkRunner:
             while lane.queue and not self._draining:
                 batch = [lane.queue.popleft()]
                 group = batch[0].group
-                while (group is not None and lane.queue and len(batch) < self.settings.sink_lane_parallel_chunks
+                while (group is not None and lane.queue and len(batch) < self._parallel
                        and lane.queue[0].group == group):
                     batch.append(lane.queue.popleft())
                 try:
@@ -282,7 +286,7 @@ class SinkRunner:
             progress = self._progress[tp] = PartitionProgress(*tp)
         delta, error = self.decode(msg)
         item = _Item(msg, delta, progress, progress.track(msg.offset()), error)
-        key = lane_key(delta)
+        key = lane_key(delta) if self._concurrent else "~serial"
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()

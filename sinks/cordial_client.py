@@ -189,6 +189,8 @@ class CordialClient:
         self._probe: asyncio.Task[None] | None = None
         self.lists_created = 0
         self._request_counters: dict[tuple[str, int], Any] = {}
+        self._healthy = asyncio.Event()  # unset while the account's calls fail transiently
+        self._healthy.set()
 
     async def __aenter__(self) -> CordialClient:
         return self
@@ -222,6 +224,10 @@ class CordialClient:
                 if hold is not None and status != 429:
                     metrics.RATE_HOLDS.labels(self.account.id).inc()
                     self.gate.hold(hold)
+                if status >= 500 or status == 408:
+                    self._failing()
+                elif not self._healthy.is_set():
+                    self._healthy.set()
                 if status >= 400:
                     raise CordialError(status, text, retry_after=retry_after_seconds(resp.headers)
                                        if status == 429 else None)
@@ -230,6 +236,7 @@ class CordialClient:
                 except ValueError:
                     return status, text
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._failing()
             raise CordialError(0, f"{type(exc).__name__}: {exc}") from exc
         finally:
             counter = self._request_counters.get((method, status))
@@ -237,6 +244,10 @@ class CordialClient:
                 counter = self._request_counters[(method, status)] = metrics.REQUESTS.labels(
                     self.account.id, method, str(status))
             counter.inc()
+
+    def _failing(self) -> None:
+        if self._healthy.is_set():  # a new failing spell: sleepers wait for its end
+            self._healthy = asyncio.Event()
 
     async def _once(self, method: str, path: str, json: Any = None, *, pause_on_auth: bool = True) -> tuple[int, Any]:
         """One attempt as the caller sees it: waits out 429s and auth pauses, raises anything else."""
@@ -279,6 +290,20 @@ class CordialClient:
     def _wait(self, state: RetryCallState) -> float:
         return backoff_delay(state.attempt_number + 1, self.backoff_base, self.backoff_max)
 
+    async def _sleep(self, delay: float) -> None:
+        """Back off; but once Cordial answers this account again (after an outage), stop waiting:
+        retries then go out spread over a moment, still through the rate limiter, instead of
+        stragglers holding their chunk for up to ``backoff_max``."""
+        healthy = self._healthy
+        if healthy.is_set():  # others succeed meanwhile: a passing error, not an outage
+            await asyncio.sleep(min(delay, random.uniform(0, self.backoff_base)))
+            return
+        try:
+            await asyncio.wait_for(healthy.wait(), delay)
+        except asyncio.TimeoutError:
+            return
+        await asyncio.sleep(random.uniform(0, self.backoff_base))
+
     def _before_sleep(self, state: RetryCallState) -> None:
         metrics.RETRIES.labels(self.account.id).inc()
 
@@ -290,12 +315,13 @@ class CordialClient:
             if not exc.transient or self.max_retries == 0:
                 raise
             metrics.RETRIES.labels(self.account.id).inc()
-            await asyncio.sleep(backoff_delay(1, self.backoff_base, self.backoff_max))
+            await self._sleep(backoff_delay(1, self.backoff_base, self.backoff_max))
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, CordialError) and e.transient),
             stop=stop_after_attempt(self.max_retries),  # the first attempt was the fast path
             wait=self._wait,
             before_sleep=self._before_sleep,
+            sleep=self._sleep,
             reraise=True,
         ):
             with attempt:
