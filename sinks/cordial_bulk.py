@@ -41,7 +41,10 @@ class BulkImporter:
             return 0
         ref = delta_ref(delta)
         account = client.account.id
-        await client.ensure_list(delta.list_name)  # a list column must name an existing list
+        try:
+            await client.ensure_list(delta.list_name)  # a list column must name an existing list
+        except CordialError:
+            return None  # the REST path dead-letters each operation with Cordial's answer
         token, url = await self.files.publish(cordial_import.render_csv(ops))
         try:
             try:
@@ -69,7 +72,11 @@ class BulkImporter:
         wait = self.poll_seconds
         while time.monotonic() < deadline:
             await asyncio.sleep(wait)
-            _, answer = await client.request("GET", f"/jobs/{job_id}")
+            try:
+                _, answer = await client.request("GET", f"/jobs/{job_id}")
+            except CordialError as exc:
+                log.warning("cannot follow the import job", extra={"job_id": job_id, "status": exc.status})
+                return None
             state = cordial_import.job_state_from(answer)
             if state.final:
                 return state
