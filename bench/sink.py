@@ -11,7 +11,7 @@ calibration run without any limit first shows the machine can drive more than N
 3. outage: the same volume with a 30 s outage of the simulator in the middle.
 4. bulk: a 1,000,000-user delta (200 chunks of 5,000) through contact imports.
 
-``python -m bench sink`` (``HEAPSYNC_BENCH_SINK_LIMIT`` sets N, default 2000;
+``python -m bench sink`` (``HEAPSYNC_BENCH_SINK_LIMIT`` sets N, default 1000, where the limit binds on 2 shared cores;
 ``HEAPSYNC_BENCH_SINK_SKIP`` skips phases by name, comma separated).
 """
 
@@ -160,7 +160,7 @@ class Bench:
 
 
 def main() -> None:
-    limit = int(os.environ.get("HEAPSYNC_BENCH_SINK_LIMIT", "2000"))
+    limit = int(os.environ.get("HEAPSYNC_BENCH_SINK_LIMIT", "1000"))
     skip = set(filter(None, os.environ.get("HEAPSYNC_BENCH_SINK_SKIP", "").split(",")))
     print(f"  sink: simulator latency {LATENCY * 1000:.0f} ms, rate limit N = {limit} requests/s per key; "
           f"2 cores shared with other work")

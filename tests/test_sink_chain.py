@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from heapsync.broker import free_port
 from tests.conftest import Pipeline, http
 from tests.sink_helpers import make_delta, produce, read_topic, sim_members, sim_state, wait_for
 
@@ -66,7 +67,9 @@ def test_revoked_key_pauses_that_account_while_another_continues(pipeline: Pipel
 
     wait_for_port("127.0.0.1", pipeline.sim_port, 30)
     http("POST", f"{pipeline.sim_url}/_sim/config", b'{"revoke": ["beta"]}')
-    sink = pipeline.start("sink", "sink", env=pipeline.env(HEAPSYNC_SINK_AUTH_PROBE_SECONDS="0.5"))
+    metrics_port = free_port()
+    sink = pipeline.start("sink", "sink", env=pipeline.env(HEAPSYNC_SINK_AUTH_PROBE_SECONDS="0.5",
+                                                            HEAPSYNC_METRICS_PORT=str(metrics_port)))
     produce(pipeline, make_delta("Seg", add=emails("b", 10), account="beta"),
             make_delta("Seg", add=emails("a", 10), account="acme"))
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == set(emails("a", 10))), pipeline.logs()
@@ -74,6 +77,9 @@ def test_revoked_key_pauses_that_account_while_another_continues(pipeline: Pipel
     assert wait_for(lambda: sim_members(pipeline, "acme", "Other") == set(emails("c", 5))), pipeline.logs()
     assert sim_members(pipeline, "beta", "Seg") == set()
     assert "account paused" in sink.output()
+    metrics = http("GET", f"http://127.0.0.1:{metrics_port}/metrics").body
+    assert 'heapsync_sink_account_paused{account="beta"} 1.0' in metrics
+    assert 'heapsync_sink_operations_total{account="acme",kind="add",result="applied"} 15.0' in metrics
 
     http("POST", f"{pipeline.sim_url}/_sim/config", b'{"restore": ["beta"]}')
     assert wait_for(lambda: sim_members(pipeline, "beta", "Seg") == set(emails("b", 10))), pipeline.logs()
