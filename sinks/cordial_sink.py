@@ -14,7 +14,7 @@ import asyncio
 import logging
 
 from heapsync.contracts import Delta
-from heapsync.settings import Account, Settings
+from heapsync.settings import Account, AccountError, Settings
 from sinks import metrics, operations
 from sinks.base import ChunkResult, DeadLetters, SinkRunner, make_runner
 from sinks.cordial_bulk import BulkImporter
@@ -38,6 +38,7 @@ class CordialSink:
                                     settings.sink_files_public_url, secret, settings.sink_files_ttl_seconds)
         self.bulk = BulkImporter(self.files, dead_letters, settings)
         self.applied_chunks = 0
+        self._keyless: set[str] = set()
 
     async def start(self) -> None:
         return None
@@ -64,7 +65,11 @@ class CordialSink:
             await self.dead_letters.send("unknown account", {**delta_ref(delta), "delta": delta.model_dump(mode="json")},
                                          delta.delta_id)
             return ChunkResult(dead_lettered=len(delta.add) + len(delta.remove) or 1)
-        client = self.client(account)
+        try:
+            client = self.client(account)
+        except AccountError as exc:
+            await self._wait_for_key(account, exc)
+            raise  # not reached: the wait ends only when the sink stops
         ops = operations.plan(delta, account)
         if operations.use_bulk(delta, self.settings.sink_bulk_threshold, self.settings.delta_chunk_size):
             dead = await self.bulk.apply(client, delta, ops)
@@ -75,6 +80,16 @@ class CordialSink:
         dead = await self.apply_rest(client, delta, ops)
         self._done(delta, ops, "drain" if delta.kind == "drain" else "rest")
         return ChunkResult(dead_lettered=dead, path="drain" if delta.kind == "drain" else "rest")
+
+    async def _wait_for_key(self, account: Account, exc: AccountError) -> None:
+        """No API key for the account (its environment variable is unset): treat it like a refused
+        key, pause that account's lanes and skip nothing; other accounts keep flowing."""
+        metrics.PAUSED.labels(account.id).set(1)
+        if account.id not in self._keyless:
+            self._keyless.add(account.id)
+            log.error("account has no Cordial API key; its deltas wait (set it and restart the sink)",
+                      extra={"account": account.id, "error": str(exc)})
+        await asyncio.Event().wait()
 
     def _done(self, delta: Delta, ops: list[operations.Operation], path: str) -> None:
         self.applied_chunks += 1
