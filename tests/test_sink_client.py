@@ -140,3 +140,14 @@ async def test_bulk_import_applies_a_chunk_and_dead_letters_rejected_rows(sim: t
     members = s.snapshot()["a"]["Seg"]
     assert len(members) == 500 and "gone@x.co" not in members
     assert files.fetches == 1 and files.files == {}  # served once, withdrawn after
+
+
+async def test_retries_are_bounded_then_the_error_is_raised_for_dead_lettering(sim: tuple[CordialSimulator, str]) -> None:
+    s, url = sim
+    async with client(url, max_retries=3) as c:
+        await c.ensure_list("Seg")
+        s.config.error_rate = 1.0
+        with pytest.raises(CordialError) as err:
+            await c.apply(Operation("add", "Seg", "a@x.co"))
+    assert err.value.status == 503 and err.value.transient
+    assert s.status_counts["503"] == 4  # the first try and three retries, then no more
