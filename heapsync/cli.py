@@ -67,6 +67,10 @@ def process() -> None:
 @cli.command()
 def sink() -> None:
     """Apply deltas to Cordial."""
+    import signal
+
+    # SIGTERM before the loop is up (still importing, connecting): nothing is in flight, exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     import asyncio
 
     from heapsync.kafka import ensure_topics
@@ -87,16 +91,26 @@ def sink() -> None:
 @click.option("--latency", type=float, default=0.0, help="Seconds added to every API call.")
 @click.option("--rate-limit", type=float, default=None, help="Requests per second per API key (429 above).")
 @click.option("--error-rate", type=float, default=0.0, help="Share of API calls answered 503.")
+@click.option("--outage", "outages", multiple=True, metavar="START:SECONDS",
+              help="Answer every API call 503 from START for SECONDS (seconds after start; repeatable).")
+@click.option("--import-step", type=float, default=0.2, show_default=True,
+              help="Seconds a contact import job spends in each of Scheduled, Pending, Processing.")
+@click.option("--seed", type=int, default=None, help="Seed for the error-rate dice.")
 def simulator(port: int, host: str, accounts: tuple[str, ...], latency: float, rate_limit: float | None,
-              error_rate: float) -> None:
-    """Run the local Cordial simulator (state at /_sim/lists)."""
+              error_rate: float, outages: tuple[str, ...], import_step: float, seed: int | None) -> None:
+    """Run the local Cordial simulator (state at /_sim/state and /_sim/lists)."""
     from aiohttp import web
 
     from sinks.cordial_simulator import CordialSimulator, SimConfig
 
     keys = dict(a.split("=", 1) for a in accounts) if accounts else {"demo": "demo-cordial-key"}
+    try:
+        windows = [(float(o.split(":")[0]), float(o.split(":")[1])) for o in outages]
+    except (IndexError, ValueError) as exc:
+        raise click.BadParameter("--outage takes START:SECONDS, e.g. 10:30") from exc
     sim = CordialSimulator(keys, SimConfig(latency_seconds=latency, rate_limit_per_second=rate_limit,
-                                           error_rate=error_rate))
+                                           error_rate=error_rate, outages=windows,
+                                           import_step_seconds=import_step, seed=seed))
     logs.setup(_settings().log_level)
     web.run_app(sim.app(), host=host, port=port, print=None, access_log=None)
 
