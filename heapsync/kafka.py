@@ -59,7 +59,8 @@ class AsyncProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None) -> Message:
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
+                   partition: int | None = None) -> Message:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -75,7 +76,11 @@ class AsyncProducer:
             loop.call_soon_threadsafe(resolve)
 
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            if partition is None:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            else:  # replay and redrive keep a record in the partition it came from, so its order holds
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery,
+                                       partition=partition)
         except BufferError as exc:
             raise QueueFull() from exc
         except KafkaException as exc:
@@ -107,6 +112,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     base = {"retention.ms": retention_ms, "max.message.bytes": str(16 * 1024 * 1024)}
     configs = {name: dict(base) for name in t.all()}
     configs[t.sink_progress] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
+    configs[t.dlq_redrive] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
     return configs
 
 
