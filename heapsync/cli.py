@@ -346,6 +346,34 @@ def status(as_json: bool) -> None:
 
     render_status(doc)
 
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write (default HEAPSYNC_ARCHIVE_DIR or .heapsync/archive).")
+@click.option("--max-bytes", type=int, default=None, help="Rotate files at this size (HEAPSYNC_ARCHIVE_MAX_BYTES).")
+@click.option("--max-seconds", type=float, default=None, help="Rotate files at this age (HEAPSYNC_ARCHIVE_MAX_SECONDS).")
+def archive(directory: Path | None, max_bytes: int | None, max_seconds: float | None) -> None:
+    """Archive every delta as JSON Lines files (its own consumer group, HEAPSYNC_ARCHIVE_GROUP)."""
+    import asyncio
+
+    from heapsync.kafka import ensure_topics
+    from sinks.archive import build_runner
+
+    settings = _settings()
+    if directory is not None:
+        settings.archive_dir = directory
+    if max_bytes is not None:
+        settings.archive_max_bytes = max_bytes
+    if max_seconds is not None:
+        settings.archive_max_seconds = max_seconds
+    logs.setup(settings.log_level)
+    ensure_topics(settings)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+    asyncio.run(build_runner(settings).run())
+
 def main() -> None:
     cli()
 
