@@ -132,6 +132,7 @@ def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
     probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "heapsync-status-probe",
                       "enable.auto.commit": False})
     rows: list[PartitionLag] = []
+    required = {settings.processor_group, settings.sink_group}
     try:
         for group, topic in consumer_groups(settings).items():
             meta = probe.list_topics(topic, timeout=timeout).topics.get(topic)
@@ -144,6 +145,8 @@ def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
                 committed = {tp.partition: tp.offset for tp in fut.result(timeout).topic_partitions}
             except KafkaException:
                 committed = {}
+            if group not in required and not any(c is not None and c >= 0 for c in committed.values()):
+                continue  # an optional consumer (e.g. the archive sink) that has never run here
             for tp in tps:
                 low, high = probe.get_watermark_offsets(tp, timeout=timeout)
                 c = committed.get(tp.partition)
