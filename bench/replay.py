@@ -58,6 +58,6 @@ def main() -> None:
         measured = time.perf_counter() - t0
     assert read == RECORDS and report.produced == RECORDS, (read, report.as_json())
     print(f"  {RECORDS} page records (~{len(values[0][1])} bytes each), 6 partitions, Tansu")
-    print(f"  ceiling: raw read {RECORDS / raw_read:,.0f} rec/s + raw produce {RECORDS / raw_produce:,.0f} rec/s "
+    print(f"  raw read {RECORDS / raw_read:,.0f} rec/s, raw produce {RECORDS / raw_produce:,.0f} rec/s "
           f"-> ceiling {RECORDS / ceiling:,.0f} rec/s (the slower half)")
     print(f"  heapsync replay: {RECORDS / measured:,.0f} rec/s, ratio {ceiling / measured:.2f} of the ceiling")

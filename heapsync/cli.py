@@ -216,7 +216,7 @@ def _echo_json(doc: object) -> None:
 def replay(kind: str, since: str | None, from_offset: int | None, account: str | None, segment: str | None,
            include_replays: bool, dry_run: bool, as_json: bool) -> None:
     """Re-drive a range of the pages topic (through the assembler) or the deltas topic (through the sinks)."""
-    from heapsync.replay import Filter, parse_since, run_replay
+    from heapsync.replay import Filter, ReplayError, parse_since, run_replay
 
     if (since is None) == (from_offset is None):
         raise click.UsageError("give exactly one of --since or --from-offset")
@@ -226,9 +226,13 @@ def replay(kind: str, since: str | None, from_offset: int | None, account: str |
         raise click.BadParameter(f"not an ISO 8601 time: {since}", param_hint="--since") from exc
     settings = _settings()
     logs.setup("WARNING")
-    report = run_replay(settings, kind, since_ms=since_ms, from_offset=from_offset,  # type: ignore[arg-type]
-                        flt=Filter(account, segment, include_replays), dry_run=dry_run,
-                        progress=sys.stderr.isatty() and not as_json)
+    try:
+        report = run_replay(settings, kind, since_ms=since_ms, from_offset=from_offset,  # type: ignore[arg-type]
+                            flt=Filter(account, segment, include_replays), dry_run=dry_run,
+                            progress=sys.stderr.isatty() and not as_json)
+    except ReplayError as exc:
+        raise click.ClickException(f"{exc} (replay id {exc.report.replay_id}; "
+                                   f"{exc.report.produced} delivered: re-running the replay is safe)") from exc
     if as_json:
         _echo_json(report.as_json())
         return

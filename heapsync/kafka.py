@@ -59,8 +59,7 @@ class AsyncProducer:
         while not self._stop.is_set():
             self._producer.poll(0.05)
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
-                   partition: int | None = None) -> Message:
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None) -> Message:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -76,11 +75,7 @@ class AsyncProducer:
             loop.call_soon_threadsafe(resolve)
 
         try:
-            if partition is None:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
-            else:  # replay and redrive keep a record in the partition it came from, so its order holds
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery,
-                                       partition=partition)
+            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
         except BufferError as exc:
             raise QueueFull() from exc
         except KafkaException as exc:

@@ -16,7 +16,6 @@ The selection and rewriting rules are pure functions; :func:`run_replay` is the 
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -149,39 +148,57 @@ def plan(kind: Kind, records: Iterable[Record], flt: Filter, report: Report) -> 
 
 def run_replay(settings: Any, kind: Kind, *, since_ms: int | None, from_offset: int | None, flt: Filter,
                dry_run: bool, progress: bool = False, replay_id: str | None = None) -> Report:
-    """Read the range, and (unless a dry run) re-produce each chosen record with a fresh replay id."""
-    from heapsync.kafka import AsyncProducer
+    """Read the range, and (unless a dry run) re-produce each chosen record with a fresh replay id.
+
+    A plain idempotent producer (acks=all) with delivery callbacks: the replay is one
+    sequential pass, so it needs no event loop; any undelivered record fails the command.
+    """
+    from confluent_kafka import Producer
 
     topic = settings.topics.pages if kind == "pages" else settings.topics.deltas
     report = Report(kind, replay_id or new_replay_id(), dry_run)
     bar = _Bar(progress, f"{'scanning' if dry_run else 'replaying'} {topic}")
     records = read_topic(settings.kafka_bootstrap, topic, since_ms=since_ms, from_offset=from_offset,
                          on_start=bar.start)
-    producer = None if dry_run else AsyncProducer(settings.kafka_bootstrap, delivery_timeout_s=30.0)
+    producer = None if dry_run else Producer({
+        "bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
+        "linger.ms": 5, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024,
+        "message.timeout.ms": 60_000,
+    })
+    failures: list[str] = []
 
-    async def produce_all() -> None:
-        pending: list[asyncio.Future[Any]] = []
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is None:
+            report.produced += 1
+        else:
+            failures.append(err.str())
+
+    try:
         for chosen in plan(kind, _counted(records, bar), flt, report):
             if producer is None:
                 continue
-            pending.append(asyncio.ensure_future(producer.send(
-                topic, replayed_value(chosen.doc, report.replay_id), key=chosen.record.key,
-                partition=chosen.record.partition)))
-            if len(pending) >= 500:
-                await asyncio.gather(*pending)
-                report.produced += len(pending)
-                pending.clear()
-        if pending:
-            await asyncio.gather(*pending)
-            report.produced += len(pending)
-
-    try:
-        asyncio.run(produce_all())
+            while True:
+                try:
+                    # same key and same partition as the original: the original order holds
+                    producer.produce(topic, replayed_value(chosen.doc, report.replay_id), key=chosen.record.key,
+                                     partition=chosen.record.partition, on_delivery=delivered)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            producer.poll(0)
+        if producer is not None and producer.flush(60) > 0:
+            failures.append("records still undelivered after 60 s")
     finally:
         bar.close()
-        if producer is not None:
-            producer.close()
+    if failures:
+        raise ReplayError(f"{len(failures)} replayed records were not delivered: {failures[0]}", report)
     return report
+
+
+class ReplayError(Exception):
+    def __init__(self, message: str, report: Report) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def _counted(records: Iterable[Record], bar: _Bar) -> Iterable[Record]:
