@@ -39,6 +39,10 @@ def render_replay(report: Any) -> None:
                 ["account", "segment", "sync", "records"])
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none"
     _console().print(f"read {report.read}, produced {report.produced}, skipped {skipped}")
+    incomplete = report.incomplete()
+    if incomplete:
+        render_rows("WARNING: syncs only partly in the range (move --since earlier)", incomplete,
+                    ["account", "segment", "sync", "pages", "total_pages"])
 
 
 def render_status(doc: dict[str, Any]) -> None:

@@ -59,6 +59,15 @@ class Report:
     produced: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     groups: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    pages_seen: dict[tuple[str, str, str], set[int]] = field(default_factory=dict)
+    total_pages: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def incomplete(self) -> list[dict[str, Any]]:
+        """Syncs of which the range holds fewer pages than they have: a replay of them cannot complete
+        (the assembler times them out), so ``--since`` should move earlier."""
+        return [{"account": a, "segment": s, "sync": y, "pages": len(seen), "total_pages": self.total_pages[(a, s, y)]}
+                for (a, s, y), seen in sorted(self.pages_seen.items())
+                if len(seen) < self.total_pages.get((a, s, y), 0)]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -66,6 +75,7 @@ class Report:
             "selected": self.selected, "produced": self.produced, "skipped": dict(self.skipped),
             "groups": [{"account": a, "segment": s, "sync": y, "records": n}
                        for (a, s, y), n in sorted(self.groups.items())],
+            "incomplete_syncs": self.incomplete(),
         }
 
 
@@ -142,7 +152,13 @@ def plan(kind: Kind, records: Iterable[Record], flt: Filter, report: Report) -> 
             report.skipped[chosen] += 1
             continue
         report.selected += 1
-        report.groups[(chosen.account, chosen.segment, chosen.sync)] += 1
+        group = (chosen.account, chosen.segment, chosen.sync)
+        report.groups[group] += 1
+        if kind == "pages":
+            info = (((chosen.doc.get("payload") or {}).get("data") or {}).get("sync_info") or {})
+            if isinstance(info.get("page_number"), int) and isinstance(info.get("total_pages"), int):
+                report.pages_seen.setdefault(group, set()).add(info["page_number"])
+                report.total_pages[group] = info["total_pages"]
         yield chosen
 
 

@@ -108,6 +108,7 @@ def test_stopped_sink_backlog_drains_and_a_bug_fix_replay_gives_the_same_lists(p
     dry = cli(pipeline, "replay", "pages", "--since", since, "--dry-run")
     assert dry["produced"] == 0
     assert sorted((g["sync"], g["records"]) for g in dry["groups"]) == sorted([(c, 2), (d, 1)])
+    assert dry["incomplete_syncs"] == []
     done = cli(pipeline, "replay", "pages", "--since", since, "--account", "acme")
     assert done["produced"] == 3
     assert pipeline.wait_for_members(LIST, expected) == expected, pipeline.logs()

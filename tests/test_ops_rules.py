@@ -47,6 +47,7 @@ def test_replay_skips_ticks_earlier_replays_and_other_accounts_and_counts_why() 
     chosen = list(replay.plan("pages", records, replay.Filter(account="acme", segment="15225086"), report))
     assert [c.record.offset for c in chosen] == [1, 2]
     assert report.groups == {("acme", "15225086", "s1"): 2}
+    assert report.incomplete() == []
     assert report.skipped == {"tick": 1, "other account": 1, "earlier replay": 1, "unreadable": 1,
                               "other segment": 1}
     # with --include-replays, an earlier replay is chosen; this replay's own copies never are
@@ -229,3 +230,29 @@ def test_topic_differences_and_retention_display() -> None:
 
 def test_list_name_rule_matches_the_assembler() -> None:
     assert rules.list_name("Heap Test Segment") == "HeapTestSegment"
+
+
+def test_dry_run_warns_about_syncs_only_partly_in_the_range() -> None:
+    report = replay.Report("pages", "r1", dry_run=True)
+    list(replay.plan("pages", [rec(page("s1", 2, 3), offset=0), rec(page("s1", 3, 3), offset=1),
+                               rec(page("s2", 1, 1), offset=2)], replay.Filter(), report))
+    assert report.incomplete() == [{"account": "acme", "segment": "15225086", "sync": "s1", "pages": 2,
+                                    "total_pages": 3}]
+    assert report.as_json()["incomplete_syncs"] == report.incomplete()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove"]), st.sampled_from(["a@x.io", "b@x.io", "c@x.io"]),
+                          st.sampled_from(["d1", "d2"])), min_size=1, max_size=20))
+def test_redriven_operations_end_in_each_ids_last_failed_operation(ops: list[tuple[str, str, str]]) -> None:
+    entries = [dlq.parse_entry("sink", rec({"reason": "cordial rejected the operation", "delta_id": d, "chunk": 1,
+                                            "account": "acme", "list_name": "L", "operation": op,
+                                            "contact_id": who, "identity_key": "email"}, offset=i))
+               for i, (op, who, d) in enumerate(ops)]
+    plan = dlq.plan_redrive(entries, "r1")
+    assert set(plan.outcomes) == {e.id for e in entries}
+    for delta_id in {d for _, _, d in ops}:
+        [delta] = [Delta.model_validate_json(o.value) for o in plan.outputs
+                   if Delta.model_validate_json(o.value).delta_id == delta_id]
+        assert not set(delta.add) & set(delta.remove)
+        last = {who: op for op, who, d in ops if d == delta_id}
+        assert {i: "add" for i in delta.add} | {i: "remove" for i in delta.remove} == last
