@@ -28,6 +28,26 @@ def _accounts(settings: Settings) -> dict:
         raise click.ClickException(str(exc)) from exc
 
 
+def _echo_json(doc: object) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _broker_errors(fn):  # type: ignore[no-untyped-def]
+    """An operator command meets an unreachable broker with one clear line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from confluent_kafka import KafkaException
+
+        try:
+            return fn(*args, **kwargs)
+        except KafkaException as exc:
+            raise click.ClickException(f"Kafka at {_settings().kafka_bootstrap}: {exc}") from exc
+
+    return wrapper
+
+
 @click.group()
 @click.version_option(package_name="heapsync")
 def cli() -> None:
@@ -179,6 +199,7 @@ def schema(write: bool) -> None:
 @click.option("--create/--no-create", default=True, show_default=True,
               help="Create missing topics with explicit settings (partitions, retention, cleanup policy).")
 @click.option("--json", "as_json", is_flag=True)
+@_broker_errors
 def topics(create: bool, as_json: bool) -> None:
     """Create any missing heapsync topic, and show each with partitions, retention and cleanup policy."""
     from heapsync.topics_admin import describe
@@ -199,8 +220,6 @@ def topics(create: bool, as_json: bool) -> None:
 # --------------------------------------------------------------------------
 
 
-def _echo_json(doc: object) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
 @cli.command()
@@ -213,6 +232,7 @@ def _echo_json(doc: object) -> None:
 @click.option("--include-replays", is_flag=True, help="Also replay records that are themselves replays.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be replayed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_broker_errors
 def replay(kind: str, since: str | None, from_offset: int | None, account: str | None, segment: str | None,
            include_replays: bool, dry_run: bool, as_json: bool) -> None:
     """Re-drive a range of the pages topic (through the assembler) or the deltas topic (through the sinks)."""
@@ -267,6 +287,7 @@ def _dlq_entries(sources: tuple[str, ...], account: str | None, reason: str | No
 @_dlq_reason
 @click.option("--all", "show_all", is_flag=True, help="Also entries already re-driven.")
 @click.option("--json", "as_json", is_flag=True)
+@_broker_errors
 def dlq_list(sources: tuple[str, ...], account: str | None, reason: str | None, show_all: bool, as_json: bool) -> None:
     """List dead-letter entries (pending and failed re-drives; --all for every one)."""
     from heapsync.dlq import state_of
@@ -286,6 +307,7 @@ def dlq_list(sources: tuple[str, ...], account: str | None, reason: str | None, 
 
 @dlq.command("show")
 @click.argument("entry_id")
+@_broker_errors
 def dlq_show(entry_id: str) -> None:
     """Print one entry in full (ENTRY_ID as in `dlq list`, e.g. sink:0:12). It may hold user ids."""
     from heapsync.dlq import state_of
@@ -310,6 +332,7 @@ def dlq_show(entry_id: str) -> None:
 @click.option("--force", is_flag=True, help="Also entries already re-driven.")
 @click.option("--dry-run", is_flag=True, help="Only say what would be re-driven.")
 @click.option("--json", "as_json", is_flag=True)
+@_broker_errors
 def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | None, ids: tuple[str, ...],
                 force: bool, dry_run: bool, as_json: bool) -> None:
     """Send entries back to where they failed; each is marked so it is not re-driven twice."""
@@ -337,6 +360,7 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_broker_errors
 def status(as_json: bool) -> None:
     """Consumer lag, open syncs, dead letters and the last applied sync per list."""
     from heapsync.status import gather
