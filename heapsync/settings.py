@@ -185,6 +185,16 @@ class Settings(BaseSettings):
     sink_import_poll_seconds: float = Field(0.5, gt=0, description="First wait between GET /jobs/{id} polls.")
     sink_import_timeout_seconds: float = Field(3600.0, gt=0)
 
+    # archive sink (sinks/archive.py): every delta as JSON Lines files
+    archive_dir: Path = Path(".heapsync/archive")
+    archive_group: str = "heapsync-archive-sink"
+    archive_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Rotate a file at this size.")
+    archive_max_seconds: float = Field(3600.0, gt=0, description="Rotate a file at this age.")
+
+    # status page (ingest/status_page.py)
+    status_page_enabled: bool = True
+    status_page_recent: int = Field(20, ge=1, description="Recent syncs kept per list on the status page.")
+
     log_level: str = "INFO"
     metrics_port: int | None = Field(
         None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."

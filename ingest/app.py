@@ -187,4 +187,5 @@ def create_app(settings: Settings, accounts: dict[str, Account], producer: Async
     app.router.add_post(WEBHOOK_PATH, ingress.receive)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
+    __import__("ingest.status_page").status_page.add_status_routes(app, settings)  # ops: read-only /status
     return app

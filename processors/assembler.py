@@ -64,6 +64,11 @@ def _sync_key(account: str, sync_id: str) -> str:
     return f"{account}|{sync_id}"
 
 
+def _replayed(sync_ref: str, replay_id: str | None) -> str:
+    """A replayed page belongs to a fresh sync: its key carries the replay id (replay contract)."""
+    return f"{sync_ref}@{replay_id}" if replay_id else sync_ref
+
+
 def _page_key(sync_key: str, page: int) -> str:
     return f"{sync_key}|{page}"
 
@@ -88,9 +93,10 @@ class Assembler:
 
     # -- inputs -----------------------------------------------------------
 
-    def on_sync_page(self, account: str, payload: HeapSync, *, partition: int, now: float) -> Output:
+    def on_sync_page(self, account: str, payload: HeapSync, *, partition: int, now: float,
+                     replay_id: str | None = None) -> Output:
         info = payload.data.sync_info
-        skey = _sync_key(account, info.sync_task_id)
+        skey = _sync_key(account, _replayed(info.sync_task_id, replay_id))
         self.counters.pages += 1
         if skey in self.done:
             self.counters.late_pages += 1
@@ -112,6 +118,7 @@ class Assembler:
                 "received": [],
                 "partition": partition,
                 "started_at": now,
+                "replay_id": replay_id,
             }
             self._enqueue(account, payload.data.segment.id, skey)
         pkey = _page_key(skey, info.page_number)
@@ -133,8 +140,9 @@ class Assembler:
         self.syncs[skey] = meta
         return self._drain_segment(account, meta["segment_id"], now)
 
-    def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float) -> Output:
-        skey = _sync_key(account, f"drain:{request_id}")
+    def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float,
+                 replay_id: str | None = None) -> Output:
+        skey = _sync_key(account, _replayed(f"drain:{request_id}", replay_id))
         self.counters.pages += 1
         if skey in self.done or skey in self.syncs:
             self.counters.duplicate_pages += 1
@@ -150,6 +158,7 @@ class Assembler:
             "received": [],
             "partition": partition,
             "started_at": now,
+            "replay_id": replay_id,
         }
         self._enqueue(account, payload.data.segment.id, skey)
         return self._drain_segment(account, payload.data.segment.id, now)
@@ -231,7 +240,10 @@ class Assembler:
             net = rules.net_changes({p: rules.PageChanges(tuple(v["add"]), tuple(v["remove"]))
                                      for p, v in page_map.items() if v is not None})
             chunks = rules.chunk_changes(net, self.chunk_size)
+        replay_id = meta.get("replay_id")
         sync_ref = skey.split("|", 1)[1]
+        if replay_id and sync_ref.endswith(f"@{replay_id}"):
+            sync_ref = sync_ref[: -len(replay_id) - 1]  # a replay keeps the delta id; its chunk key differs
         common = dict(
             delta_id=delta_id_for(meta["account"], sync_ref),
             account=meta["account"],
@@ -245,6 +257,7 @@ class Assembler:
             total_pages=meta["total_pages"],
             missing_pages=missing,
             chunks=len(chunks),
+            replay_id=replay_id,
         )
         return [Delta(**common, chunk=n, add=add, remove=remove)
                 for n, (add, remove) in enumerate(chunks, start=1)]

@@ -102,10 +102,11 @@ def create_app(settings: Settings) -> faust.App:
                                                 "value": record_value.decode("utf-8", "replace")}))
             return out
         if isinstance(payload, HeapSync):
-            return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time())
+            return assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
+                                          replay_id=record.replay_id)
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
-                                      partition=partition, now=time.time())
+                                      partition=partition, now=time.time(), replay_id=record.replay_id)
         return Output()
 
     @app.agent(pages_topic)
