@@ -16,7 +16,7 @@ Durability, "atomic enough for audits":
 Delivery is at-least-once: a chunk may appear twice (a crash between fsync and
 commit, or a replay). Every line is a Delta (schema ``heapsync/schemas/delta.v1.json``):
 readers de-duplicate on ``(delta_id, chunk, replay_id)``, the chunk key.
-Each archived chunk is also recorded on the sink progress topic as sink ``archive``.
+Each archived chunk is recorded on the sink progress topic as sink ``archive`` by the runner.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import IO
 
 from prometheus_client import Counter
 
-from heapsync.contracts import AppliedChunk, Delta
+from heapsync.contracts import Delta
 from heapsync.settings import Settings
 from sinks.base import DeadLetters, SinkRunner, make_runner
 
@@ -176,15 +176,8 @@ class ArchiveSink:
                 self.writer.rotate()
 
     async def apply(self, delta: Delta) -> None:
+        # The runner records the chunk on the progress topic once this returns.
         self.writer.write(delta.model_dump_json().encode())
-        progress = AppliedChunk(
-            sink=self.name, chunk_key=delta.chunk_key, delta_id=delta.delta_id, chunk=delta.chunk,
-            chunks=delta.chunks, account=delta.account, list_name=delta.list_name, segment_id=delta.segment_id,
-            sync_task_id=delta.sync_task_id, kind=delta.kind, complete=delta.complete, adds=len(delta.add),
-            removes=len(delta.remove))
-        await self.dead_letters.producer.send(self.settings.topics.sink_progress,
-                                              progress.model_dump_json().encode(),
-                                              key=f"{self.name}|{delta.chunk_key}".encode())
 
     async def close(self) -> None:
         if self._rotator is not None:

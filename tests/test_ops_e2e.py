@@ -145,7 +145,7 @@ def test_dead_letters_redriven_after_the_cause_is_fixed_end_applied(pipeline: Pi
     wait_for("the assembler's dead letter", lambda: cli(pipeline, "dlq", "list", "--topic", "assembler"),
              pipeline, timeout=90, every=2)
     status = cli(pipeline, "status")
-    assert status["dead_letters"]["sink"] == {"cordial rejected the operation": 2}
+    assert status["dead_letters"]["sink"] == {"cordial kept failing": 2}
     assert status["dead_letters"]["rejected"] == {"invalid payload": 2}
 
     report = cli(pipeline, "dlq", "redrive", ok=(2,))  # 2: one entry is still invalid
