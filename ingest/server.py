@@ -1,7 +1,10 @@
 """Run the ingress: one aiohttp server, one idempotent producer, graceful shutdown.
 
-On SIGTERM aiohttp stops accepting, finishes in-flight requests, then the
-producer is flushed, so no page that got a 200 is lost.
+On SIGTERM (or SIGINT) aiohttp stops listening, ``/readyz`` turns 503, requests
+in flight finish (each bounded by the produce timeout), then the producer is
+flushed, and the process exits 0. No page that got a 200 is lost: a 200 is only
+sent after Kafka acked the record, so the flush is for rejected-topic records
+and belt and braces.
 """
 
 from __future__ import annotations
@@ -10,21 +13,29 @@ import logging
 
 from aiohttp import web
 
-from heapsync.kafka import AsyncProducer, ensure_topics
+from heapsync.kafka import ensure_topics
 from heapsync.settings import Account, Settings
-from ingest.app import create_app
+from ingest.app import INGRESS_KEY, ProducerSlot, create_app, default_producer_factory
 
 log = logging.getLogger("heapsync.ingest")
 
+LINGERING_SECONDS = 2.0
+"""After a 413 the unread rest of a body is drained this long at most (aiohttp's default is 10 s)."""
+
 
 def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
-    producer = AsyncProducer(settings.kafka_bootstrap, delivery_timeout_s=settings.produce_timeout_seconds)
-    app = create_app(settings, accounts, producer)
+    producers = ProducerSlot(default_producer_factory(settings))
+    app = create_app(settings, accounts, producers)
+
+    async def start_draining(app: web.Application) -> None:
+        app[INGRESS_KEY].draining = True
+        log.info("ingress draining: no new connections, finishing requests in flight")
 
     async def close_producer(_: web.Application) -> None:
-        remaining = producer.close(timeout=settings.produce_timeout_seconds)
+        remaining = producers.close(timeout=settings.produce_timeout_seconds)
         log.info("producer flushed", extra={"undelivered": remaining})
 
+    app.on_shutdown.append(start_draining)
     app.on_cleanup.append(close_producer)
     return app
 
@@ -37,5 +48,8 @@ def run(settings: Settings, accounts: dict[str, Account]) -> None:
     app = build(settings, accounts)
     log.info("ingress listening", extra={"host": settings.ingest_host, "port": settings.ingest_port,
                                         "accounts": len(accounts)})
+    # in-flight requests wait at most the produce timeout; give them that plus a margin
     web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None,
-                shutdown_timeout=settings.produce_timeout_seconds, access_log=None)
+                shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
+                lingering_time=LINGERING_SECONDS, handle_signals=True)
+    log.info("ingress stopped")
