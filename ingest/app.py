@@ -24,14 +24,14 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
-from confluent_kafka import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord
-from heapsync.kafka import AsyncProducer, ProduceError, QueueFull
+from heapsync.kafka import ProduceError, QueueFull
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
+from ingest.producer import ProducerSlot
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -48,10 +48,6 @@ REJECTED_RECORD_MAX_BYTES = 15 * 1024 * 1024
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MODELS: dict[str, type[HeapSync] | type[HeapDrain]] = {SYNC_ACTION: HeapSync, DRAIN_ACTION: HeapDrain}
-
-ProducerFactory = Callable[[Callable[[KafkaError], None]], AsyncProducer]
-"""Makes a producer that reports client-level errors to the callback it is given."""
-
 
 # --------------------------------------------------------------------------
 # Small pure helpers
@@ -144,41 +140,6 @@ def is_json_content_type(request: web.Request) -> bool:
         return True
     ctype = request.content_type
     return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
-
-
-# --------------------------------------------------------------------------
-# The producer, replaced if librdkafka reports a fatal error
-# --------------------------------------------------------------------------
-
-
-class ProducerSlot:
-    """Holds the current producer; a fatal client error (e.g. idempotence state lost) swaps in a new one.
-
-    Records waiting in the old producer fail, so their requests get 503 and Heap retries them.
-    """
-
-    def __init__(self, factory: ProducerFactory) -> None:
-        self._factory = factory
-        self._fatal = False
-        self.current = factory(self._on_error)
-
-    def _on_error(self, err: KafkaError) -> None:  # called from the producer's poll thread
-        if err.fatal():
-            self._fatal = True
-            log.error("kafka producer fatal error", extra={"kafka_error": err.str()})
-        else:
-            log.warning("kafka client error", extra={"kafka_error": err.str()})
-
-    def get(self) -> AsyncProducer:
-        if self._fatal:
-            old, self._fatal = self.current, False
-            self.current = self._factory(self._on_error)
-            metrics.PRODUCER_RESTARTS.inc()
-            asyncio.get_running_loop().run_in_executor(None, old.close, 1.0)
-        return self.current
-
-    def close(self, timeout: float) -> int:
-        return self.current.close(timeout=timeout)
 
 
 # --------------------------------------------------------------------------
@@ -323,6 +284,7 @@ class Ingress:
             metrics.PRODUCE_LATENCY.labels(kind, "queue_full").observe(time.perf_counter() - started)
             raise Unavailable("queue_full", exc.reason) from exc
         except ProduceError as exc:
+            self.producers.note_failure(exc)
             metrics.PRODUCE_LATENCY.labels(kind, "failed").observe(time.perf_counter() - started)
             raise Unavailable("broker_error", exc.reason) from exc
         except asyncio.TimeoutError as exc:
@@ -420,15 +382,6 @@ async def observe(request: web.Request,
 # --------------------------------------------------------------------------
 
 INGRESS_KEY = web.AppKey("ingress", Ingress)
-
-
-def default_producer_factory(settings: Settings) -> ProducerFactory:
-    def make(on_error: Callable[[KafkaError], None]) -> AsyncProducer:
-        return AsyncProducer(settings.kafka_bootstrap, delivery_timeout_s=settings.produce_timeout_seconds,
-                             extra={"error_cb": on_error,
-                                    "queue.buffering.max.kbytes": settings.ingest_queue_max_kbytes,
-                                    "linger.ms": settings.ingest_linger_ms})
-    return make
 
 
 def create_app(settings: Settings, accounts: dict[str, Account], producers: ProducerSlot) -> web.Application:

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Account, Settings
-from ingest.app import INGRESS_KEY, ProducerSlot, create_app, default_producer_factory
+from ingest.app import INGRESS_KEY, create_app
+from ingest.producer import ProducerSlot, default_factory
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -24,7 +25,7 @@ LINGERING_SECONDS = 2.0
 
 
 def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
-    producers = ProducerSlot(default_producer_factory(settings))
+    producers = ProducerSlot(default_factory(settings))
     app = create_app(settings, accounts, producers)
 
     async def start_draining(app: web.Application) -> None:
