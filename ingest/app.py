@@ -18,12 +18,14 @@ import logging
 import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -120,17 +122,60 @@ class BodyTooLarge(Exception):
     pass
 
 
+class UnreadableBody(Exception):
+    """The body does not decode with its Content-Encoding, or its framing is broken."""
+
+
+class UnsupportedEncoding(Exception):
+    pass
+
+
+_ZLIB_AUTO = zlib.MAX_WBITS | 32  # zlib or gzip header, detected
+
+
+def body_decoder(content_encoding: str | None) -> Any:
+    """A zlib decompressor for gzip/deflate, None for identity; ``UnsupportedEncoding`` otherwise.
+
+    The server runs with aiohttp's own decompression off, so that a body that does not
+    decode is a JSON 400 here and its decoded size counts against the limit as it grows.
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        return zlib.decompressobj(_ZLIB_AUTO)
+    raise UnsupportedEncoding(encoding)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes, counting as they arrive (chunked bodies have no Content-Length)."""
+    """Read at most ``limit`` bytes (decoded), counting as they arrive (chunked bodies have no length)."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge
+    decoder = body_decoder(request.headers.get("Content-Encoding"))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            if decoder is not None:
+                chunk = decoder.decompress(chunk, limit - size + 1)
+                if decoder.unconsumed_tail:
+                    raise BodyTooLarge
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        if decoder is not None:
+            tail = decoder.flush()
+            size += len(tail)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(tail)
+            if not decoder.eof:
+                raise UnreadableBody("compressed body ends early")
+    except zlib.error as exc:
+        raise UnreadableBody(f"body does not decode: {exc}") from exc
+    except RequestPayloadError as exc:
+        raise UnreadableBody(str(exc).split(",", 1)[-1].strip()[:200]) from exc
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -197,6 +242,16 @@ class Ingress:
             return json_error(415, "Content-Type must be application/json", content_type=request.content_type)
         try:
             body = await read_body(request, self.settings.max_body_bytes)
+        except UnsupportedEncoding as exc:
+            outcome.reason = "unsupported content encoding"
+            resp = json_error(415, "Content-Encoding must be gzip, deflate or identity", content_encoding=str(exc)[:50])
+            resp.force_close()
+            return resp
+        except UnreadableBody as exc:
+            outcome.reason = "unreadable body"
+            resp = json_error(400, "Unreadable body", reason=str(exc))
+            resp.force_close()
+            return resp
         except BodyTooLarge:
             outcome.reason = "body too large"
             resp = json_error(413, "Body too large", limit_bytes=self.settings.max_body_bytes)

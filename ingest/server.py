@@ -43,7 +43,7 @@ def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
 
 def run(settings: Settings, accounts: dict[str, Account]) -> None:
     try:
-        ensure_topics(settings)
+        ensure_topics(settings, timeout=10.0)
     except Exception as exc:  # noqa: BLE001 - the ingress still serves 503s while the broker is away
         log.warning("could not ensure topics", extra={"error": str(exc)})
     app = build(settings, accounts)
@@ -52,5 +52,7 @@ def run(settings: Settings, accounts: dict[str, Account]) -> None:
     # in-flight requests wait at most the produce timeout; give them that plus a margin
     web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None,
                 shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
-                lingering_time=LINGERING_SECONDS, handle_signals=True)
+                lingering_time=LINGERING_SECONDS, handle_signals=True,
+                # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
+                auto_decompress=False)
     log.info("ingress stopped")

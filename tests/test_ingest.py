@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import threading
@@ -68,6 +69,20 @@ def test_what_heap_gets_back_and_what_lands_in_kafka(pipeline: Pipeline) -> None
                                 chunked=True)
     assert small_chunked.status == 200, small_chunked.raw
 
+    # compressed bodies: decoded, signed as decoded, and the decoded size counts against the limit
+    gz = raw_request(port, "POST", PATH, gzip.compress(page), {**signed_headers(secret, page),
+                                                               "Content-Encoding": "gzip"})
+    assert gz.status == 200, gz.raw
+    bomb = b"[" + b" " * (LIMIT * 4) + b"]"
+    r_bomb = raw_request(port, "POST", PATH, gzip.compress(bomb), {**signed_headers(secret, bomb),
+                                                                    "Content-Encoding": "gzip"})
+    assert r_bomb.status == 413
+    broken = raw_request(port, "POST", PATH, b"\x1f\x8bnot gzip", {**signed_headers(secret, page),
+                                                                  "Content-Encoding": "gzip"})
+    assert broken.status == 400 and broken.json["error"] == "Unreadable body"
+    brotli = raw_request(port, "POST", PATH, page, {**signed_headers(secret, page), "Content-Encoding": "br"})
+    assert brotli.status == 415 and "error" in brotli.json
+
     # signed but invalid: 400 with field paths
     bad_range = body_of(heap_request("t", 3, 2, add=["b@example.com"]))
     r_range = raw_request(port, "POST", PATH, bad_range, signed_headers(secret, bad_range))
@@ -91,7 +106,7 @@ def test_what_heap_gets_back_and_what_lands_in_kafka(pipeline: Pipeline) -> None
 
     topics = f"{pipeline.prefix}.pages", f"{pipeline.prefix}.pages.rejected"
     accepted = [ok.json["request_id"], ok_hex.json["request_id"], ok_drain.json["request_id"],
-                small_chunked.json["request_id"]]
+                small_chunked.json["request_id"], gz.json["request_id"]]
     pages = read_topic(pipeline.broker.bootstrap, topics[0], has_request_ids(accepted))
     assert sorted(r.value["request_id"] for r in pages) == sorted(accepted)
     assert {r.key for r in pages} == {b"acme:77"} and len({r.partition for r in pages}) == 1
