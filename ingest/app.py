@@ -333,8 +333,8 @@ class Ingress:
         started = time.perf_counter()
         try:
             producer = self.producers.get()
-            await asyncio.wait_for(producer.send(topic, value, key=key),
-                                   timeout=self.settings.produce_timeout_seconds)
+            async with asyncio.timeout(self.settings.produce_timeout_seconds):
+                await producer.send(topic, value, key=key)
         except QueueFull as exc:
             metrics.PRODUCE_LATENCY.labels(kind, "queue_full").observe(time.perf_counter() - started)
             raise Unavailable("queue_full", exc.reason) from exc

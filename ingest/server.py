@@ -9,6 +9,7 @@ and belt and braces.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from aiohttp import web
@@ -41,12 +42,28 @@ def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
     return app
 
 
+def tune_gc() -> None:
+    """Keep the cyclic GC off the hot path.
+
+    Profiling the benchmark showed a fifth of the CPU in ``gc_collect_main``: each page
+    allocates many short-lived objects (pydantic validation), which triggered frequent
+    collections that walked every long-lived object (modules, schemas, metrics). Freezing
+    what exists after start-up takes those out of every later collection, and a higher
+    first threshold makes young collections rarer. Request objects do not form lasting
+    cycles, so memory stays bounded (the benchmark records peak RSS).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def run(settings: Settings, accounts: dict[str, Account]) -> None:
     try:
         ensure_topics(settings, timeout=10.0)
     except Exception as exc:  # noqa: BLE001 - the ingress still serves 503s while the broker is away
         log.warning("could not ensure topics", extra={"error": str(exc)})
     app = build(settings, accounts)
+    tune_gc()
     log.info("ingress listening", extra={"host": settings.ingest_host, "port": settings.ingest_port,
                                         "accounts": len(accounts)})
     # in-flight requests wait at most the produce timeout; give them that plus a margin
