@@ -178,6 +178,7 @@ def bench(quick: bool = False) -> list[dict[str, Any]]:
     from heapsync.settings import Settings
 
     scale = 0.3 if quick else 1.0
+    rounds = 1 if quick else 3
     cases = [Case(10, int(30_000 * scale), 15 * scale, 64), Case(1000, int(6_000 * scale), 15 * scale, 32)]
     results = []
     with tempfile.TemporaryDirectory(prefix="heapsync-bench-") as tmp, EmbeddedBroker() as broker:
@@ -199,20 +200,29 @@ def bench(quick: bool = False) -> list[dict[str, Any]]:
                 wait_for_port("127.0.0.1", bare_port)
                 wait_for_port("127.0.0.1", ingest_port)
                 path = f"/heap/listMembership/{ACCOUNT}"
-                cpu0 = cpu_seconds(bare.pid)
-                ceiling = run_load(f"http://127.0.0.1:{bare_port}{path}", case)
-                ceiling["server_cpu_s"] = cpu_seconds(bare.pid) - cpu0
                 assert broker.process is not None
-                cpu0, bcpu0 = cpu_seconds(ingress.pid), cpu_seconds(broker.process.pid)
-                measured = run_load(f"http://127.0.0.1:{ingest_port}{path}", case)
-                measured["server_cpu_s"] = cpu_seconds(ingress.pid) - cpu0
-                measured["broker_cpu_s"] = cpu_seconds(broker.process.pid) - bcpu0
+                ceilings, measurements = [], []
+                for _ in range(rounds):  # interleaved, best of each: the machine is shared
+                    cpu0 = cpu_seconds(bare.pid)
+                    ceiling = run_load(f"http://127.0.0.1:{bare_port}{path}", case)
+                    ceiling["server_cpu_s"] = cpu_seconds(bare.pid) - cpu0
+                    ceilings.append(ceiling)
+                    cpu0, bcpu0 = cpu_seconds(ingress.pid), cpu_seconds(broker.process.pid)
+                    measured = run_load(f"http://127.0.0.1:{ingest_port}{path}", case)
+                    measured["server_cpu_s"] = cpu_seconds(ingress.pid) - cpu0
+                    measured["broker_cpu_s"] = cpu_seconds(broker.process.pid) - bcpu0
+                    measurements.append(measured)
+                ceiling = max(ceilings, key=lambda r: r["pages_per_s"])
+                measured = max(measurements, key=lambda r: r["pages_per_s"])
                 rss = peak_rss_mb(ingress.pid)
             finally:
                 stop(bare)
                 code = stop(ingress)
             ratio = measured["pages_per_s"] / ceiling["pages_per_s"]
-            print(f"[ingest] {case.ids_per_page:>5}-id pages, {case.concurrency} connections")
+            per_round = "bare " + ", ".join(f"{r['pages_per_s']:.0f}" for r in ceilings)
+            per_round += "; ingress " + ", ".join(f"{r['pages_per_s']:.0f}" for r in measurements)
+            print(f"[ingest] {case.ids_per_page:>5}-id pages, {case.concurrency} connections, best of {rounds} "
+                  f"interleaved rounds (pages/s per round: {per_round})")
             print(f"  bare handler : {fmt(ceiling)}")
             print(f"  ingress      : {fmt(measured)}")
             print(f"  ratio {ratio:.0%} of the bare handler's pages/s; ingress peak RSS {rss:.0f} MB; "

@@ -51,7 +51,7 @@ class RepeatFilter(logging.Filter):
 kafka_log.addFilter(RepeatFilter())
 
 ErrorCallback = Callable[[KafkaError], None]
-ProducerFactory = Callable[[ErrorCallback], AsyncProducer]
+ProducerFactory = Callable[[ErrorCallback], "IngestProducer"]
 
 
 class IngestProducer(AsyncProducer):
@@ -111,7 +111,12 @@ class IngestProducer(AsyncProducer):
             self._busy_poller = loop.create_task(self._poll_while_busy())
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None,
-                   headers: list[tuple[str, bytes]] | None = None) -> Message:
+                   headers: list[tuple[str, bytes]] | None = None, *, timeout: float | None = None) -> Message:
+        """Resolve when the broker acked; ``asyncio.TimeoutError`` after ``timeout`` seconds.
+
+        The record may still be delivered after a timeout (at-least-once: the caller answered
+        503, so Heap retries it and the pipeline's idempotent steps absorb the repeat).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -136,7 +141,13 @@ class IngestProducer(AsyncProducer):
         except KafkaException as exc:
             raise ProduceError(str(exc), retriable=False) from exc
         self._attach(loop)
-        return await future
+        if timeout is None:
+            return await future
+        expiry = loop.call_later(timeout, _expire, future)  # cheaper than asyncio.timeout() per request
+        try:
+            return await future
+        finally:
+            expiry.cancel()
 
     def close(self, timeout: float = 10.0) -> int:
         remaining = super().close(timeout)
@@ -144,6 +155,11 @@ class IngestProducer(AsyncProducer):
             if task is not None and self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(task.cancel)
         return remaining
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 class ProducerSlot:
@@ -167,7 +183,7 @@ class ProducerSlot:
                 self._last_logged[err.code()] = now
                 log.warning("kafka client error", extra={"kafka_error": err.str()})
 
-    def get(self) -> AsyncProducer:
+    def get(self) -> IngestProducer:
         if self._fatal:
             old, self._fatal = self.current, False
             self.current = self._factory(self._on_error)
@@ -187,7 +203,7 @@ class ProducerSlot:
 
 
 def default_factory(settings: Settings) -> ProducerFactory:
-    def make(on_error: ErrorCallback) -> AsyncProducer:
+    def make(on_error: ErrorCallback) -> IngestProducer:
         return IngestProducer(
             settings.kafka_bootstrap, on_error, delivery_timeout_s=settings.produce_timeout_seconds,
             extra={"queue.buffering.max.kbytes": settings.ingest_queue_max_kbytes,

@@ -158,7 +158,7 @@ def signature_matches(heap_hash: HeapHash, body: bytes, secrets: Iterable[bytes]
     message = heap_hash.ts.encode() + body
     matched = False
     for secret in secrets:
-        expected = hmac.new(secret, message, hashlib.sha256).digest()
+        expected = hmac.digest(secret, message, "sha256")  # one-shot C HMAC: same result, a fraction of the cost
         for candidate in given:
             matched |= hmac.compare_digest(expected, candidate)
     return matched
