@@ -161,8 +161,11 @@ _DOCUMENT: dict[str, Any] = {
                 "responses": {
                     "200": _json("Accepted", "Taken: the page is in Kafka (or, for another action type, kept).",
                                  _REQUEST_ID_HEADER),
-                    "400": _json("InvalidPayload", "Signed but invalid (bad JSON, schema, page range); "
-                                 "the raw request is kept in the rejected topic."),
+                    "400": {"description": "Signed but invalid (bad JSON, schema, page range): InvalidPayload, and "
+                                           "the raw request is kept in the rejected topic. Or a body that does not "
+                                           "decode with its Content-Encoding: Error.",
+                            "content": {"application/json": {"schema": {
+                                "anyOf": [_ref("InvalidPayload"), _ref("Error")]}}}},
                     "403": _json("Error", "Missing, malformed or wrong signature, or ts outside the window "
                                  "(reason says which, except for a wrong signature)."),
                     "404": _json("Error", "Unknown account."),

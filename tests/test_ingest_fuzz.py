@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import string
+import subprocess
+import sys
 import time
 import urllib.parse
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -129,3 +133,21 @@ def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(pipeline: Pipeline)
     assert seen.get(200, 0) > 0 and seen.get(400, 0) > 0 and seen.get(403, 0) > 0, seen
     assert pipeline.procs[0].popen.poll() is None, "the ingress is still running"
     assert "unhandled error" not in pipeline.procs[0].output()
+
+
+def test_schemathesis_finds_the_ingress_true_to_its_openapi_document(pipeline: Pipeline, tmp_path: Path) -> None:
+    """schemathesis generates requests from /openapi.json and checks every answer against it
+    (status documented, body matching its schema, no 5xx). It cannot sign, so the webhook mostly
+    answers 403 here; the hypothesis test above covers signed requests."""
+    pipeline.start_ingest()
+    config = tmp_path / "schemathesis.toml"
+    config.write_text('[parameters]\n"path.account_id" = "acme"\n')
+    st = Path(sys.executable).parent / "st"
+    result = subprocess.run(
+        [str(st), "--config-file", str(config), "run", f"http://127.0.0.1:{pipeline.ingest_port}/openapi.json",
+         "--checks", "all", "--max-examples", "40", "--request-timeout", "20", "--seed", "1"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"},
+        cwd=tmp_path,  # its working files stay out of the repository
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout
