@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from heapsync.kafka import ensure_topics
 from heapsync.samples import heap_request
 from heapsync.settings import Settings
 from tests.conftest import Pipeline
-from tests.ingest_support import Reply, has_request_ids, raw_request, read_topic
+from tests.ingest_support import Reply, has_request_ids, raw_request, read_topic, signed_headers
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +33,17 @@ def test_broker_outage_gives_503_never_200_and_recovers(tmp_path: Path) -> None:
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
     pipeline = Pipeline(broker, tmp_path)
     pipeline.extra_env["HEAPSYNC_PRODUCE_TIMEOUT_SECONDS"] = str(PRODUCE_TIMEOUT)
+    pipeline.extra_env["HEAPSYNC_INGEST_QUEUE_MAX_KBYTES"] = "1024"  # the smallest local queue allowed
     settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=pipeline.prefix, topic_partitions=3)
     pages_topic = settings.topics.pages
     try:
         pipeline.start_ingest()
 
-        def post(label: str) -> Reply:
-            body = json.dumps(heap_request(f"outage-{label}", 1, 1, add=[f"{label}@example.com"])).encode()
-            from tests.ingest_support import signed_headers
+        def post(label: str, pad: int = 0) -> Reply:
+            page = heap_request(f"outage-{label}", 1, 1, add=[f"{label}@example.com"])
+            if pad:
+                page["pad"] = "x" * pad
+            body = json.dumps(page).encode()
             return raw_request(pipeline.ingest_port, "POST", PATH, body, signed_headers(pipeline.secret, body),
                                timeout=60)
 
@@ -59,6 +63,12 @@ def test_broker_outage_gives_503_never_200_and_recovers(tmp_path: Path) -> None:
             assert reply.headers["Retry-After"].isdigit() and reply.json["error"] == "Service unavailable"
             assert elapsed < PRODUCE_TIMEOUT + 5, "answered within the bounded produce timeout"
         assert raw_request(pipeline.ingest_port, "GET", "/readyz").status == 503
+
+        # pages that would overflow the local producer queue are refused at once, not queued
+        with ThreadPoolExecutor(4) as pool:
+            big = list(pool.map(lambda i: post(f"big-{i}", pad=400_000), range(4)))
+        assert [r.status for r in big] == [503] * 4
+        assert any(r.json["reason"] == "local producer queue is full" for r in big), [r.raw for r in big]
 
         broker.start()
         ensure_topics(settings)
