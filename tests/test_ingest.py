@@ -209,3 +209,17 @@ def test_sigterm_finishes_requests_in_flight_and_every_200_is_in_kafka(pipeline:
     pages = read_topic(pipeline.broker.bootstrap, f"{pipeline.prefix}.pages", has_request_ids(accepted), 60)
     assert set(accepted) <= {r.value["request_id"] for r in pages}
     assert "producer flushed" in proc.output()
+
+
+def test_the_timestamp_window_is_set_by_the_environment(pipeline: Pipeline) -> None:
+    pipeline.extra_env["HEAPSYNC_SIGNATURE_MAX_AGE_SECONDS"] = "60"
+    pipeline.extra_env["HEAPSYNC_SIGNATURE_MAX_FUTURE_SECONDS"] = "5"
+    pipeline.start_ingest()
+    port, secret = pipeline.ingest_port, pipeline.secret
+    page = body_of(heap_request("window", 1, 1, add=["w@example.com"]))
+    now = int(time.time() * 1000)
+    assert raw_request(port, "POST", PATH, page, signed_headers(secret, page, ts_ms=now - 30_000)).status == 200
+    old = raw_request(port, "POST", PATH, page, signed_headers(secret, page, ts_ms=now - 120_000))
+    assert old.status == 403 and old.json["reason"] == "timestamp is stale" and old.json["max_age_seconds"] == 60
+    ahead = raw_request(port, "POST", PATH, page, signed_headers(secret, page, ts_ms=now + 60_000, encoding="hex"))
+    assert ahead.status == 403 and ahead.json["reason"] == "timestamp is in the future"
