@@ -127,6 +127,50 @@ def rejected_record_bytes(account: str, request_id: str, received_at: datetime, 
     return record.model_dump_json().encode()
 
 
+OFFLOAD_BYTES = 256 * 1024
+"""Bodies larger than this are checked and parsed on a worker thread, not on the event loop."""
+
+
+@dataclass
+class Examined:
+    """What ``examine`` found: a signature problem, payload errors, or an action (and its payload if known)."""
+
+    problem: signature.SignatureProblem | None = None
+    errors: list[dict[str, Any]] | None = None
+    action: str | None = None
+    payload: HeapSync | HeapDrain | None = None
+
+
+def examine(header: str | None, body: bytes, secrets: list[bytes], now_ms: int,
+            window: signature.Window) -> Examined:
+    """Signature first, then JSON, then the model of the action type. Pure: no I/O, no clock.
+
+    A signed body that is not an object with a non-empty string ``action_type`` has errors; an
+    unknown action type comes back without payload (kept, not refused); a known one is validated.
+    """
+    try:
+        signature.check(header, body, secrets, now_ms=now_ms, window=window)
+    except signature.SignatureError as exc:
+        return Examined(problem=exc.problem)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return Examined(errors=[{"path": "(body)", "message": f"Invalid JSON: {exc}", "type": "json_invalid"}])
+    if not isinstance(doc, dict):
+        return Examined(errors=[{"path": "(body)", "message": "Input should be an object", "type": "dict_type"}])
+    action = doc.get("action_type")
+    if not isinstance(action, str) or not action:
+        return Examined(errors=[{"path": "action_type", "message": "Field required: a non-empty string",
+                                 "type": "missing"}])
+    model = _MODELS.get(action)
+    if model is None:
+        return Examined(action=action)
+    try:
+        return Examined(action=action, payload=model.model_validate(doc))
+    except ValidationError as exc:
+        return Examined(action=action, errors=describe_errors(exc))
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -276,38 +320,29 @@ class Ingress:
             return resp
         metrics.BODY_BYTES.observe(len(body))
 
-        try:
-            signature.check(request.headers.get("Heap-Hash"), body, self._secrets[account_id],
-                            now_ms=int(time.time() * 1000), window=self.window)
-        except signature.SignatureError as exc:
-            outcome.reason = exc.problem.value
-            metrics.SIGNATURE_FAILURES.labels(exc.problem.name.lower()).inc()
-            return self._forbidden(exc.problem)
-
         received_at = datetime.now(timezone.utc)
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            errors = [{"path": "(body)", "message": f"Invalid JSON: {exc}", "type": "json_invalid"}]
-            return await self._invalid(request, outcome, account_id, request_id, received_at, body, errors)
-        if not isinstance(doc, dict):
-            errors = [{"path": "(body)", "message": "Input should be an object", "type": "dict_type"}]
-            return await self._invalid(request, outcome, account_id, request_id, received_at, body, errors)
-        action = doc.get("action_type")
-        if not isinstance(action, str) or not action:
-            errors = [{"path": "action_type", "message": "Field required: a non-empty string", "type": "missing"}]
-            return await self._invalid(request, outcome, account_id, request_id, received_at, body, errors)
-        model = _MODELS.get(action)
-        if model is None:
+        args = (request.headers.get("Heap-Hash"), body, self._secrets[account_id], int(time.time() * 1000),
+                self.window)
+        if len(body) > OFFLOAD_BYTES:
+            # hashing releases the GIL and the loop gets its turns meanwhile: a huge page
+            # does not stall every other request (and /healthz) for the length of its parse
+            examined = await asyncio.get_running_loop().run_in_executor(None, examine, *args)
+        else:
+            examined = examine(*args)
+        if examined.problem is not None:
+            outcome.reason = examined.problem.value
+            metrics.SIGNATURE_FAILURES.labels(examined.problem.name.lower()).inc()
+            return self._forbidden(examined.problem)
+        if examined.errors is not None:
+            return await self._invalid(request, outcome, account_id, request_id, received_at, body, examined.errors)
+        action = examined.action
+        assert action is not None
+        payload = examined.payload
+        if payload is None:
             # never dropped: kept where someone can look, and acknowledged so Heap does not retry forever
             reason = f"unsupported action_type {action[:100]!r}"
             await self._keep(request, outcome, account_id, request_id, received_at, body, reason, [], "unsupported_action")
             return json_response(200, {"status": "kept", "reason": "unsupported action_type", "request_id": request_id})
-        try:
-            payload = model.model_validate(doc)
-        except ValidationError as exc:
-            return await self._invalid(request, outcome, account_id, request_id, received_at, body,
-                                       describe_errors(exc))
 
         value = page_record_bytes(account_id, request_id, received_at, body)
         await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))

@@ -138,15 +138,18 @@ def test_health_readiness_metrics_openapi_and_logs(pipeline: Pipeline) -> None:
     page = body_of(heap_request("m", 1, 1, add=["secret-user@example.com", "b@example.com"], remove=["c@x.io"]))
     assert raw_request(port, "POST", PATH, page, signed_headers(secret, page)).status == 200
     assert raw_request(port, "POST", PATH, page, signed_headers("wrong", page)).status == 403
+    # a big page is checked and parsed off the event loop; same answer
+    big = body_of(heap_request("big", 1, 1, add=[f"user{i}@example.com" for i in range(12_000)]))
+    assert raw_request(port, "POST", PATH, big, signed_headers(secret, big)).status == 200
 
     text = raw_request(port, "GET", "/metrics").raw.decode()
     route = 'route="/heap/listMembership/{account_id}"'
-    assert f'heapsync_ingest_requests_total{{{route},status="200"}} 1.0' in text
+    assert f'heapsync_ingest_requests_total{{{route},status="200"}} 2.0' in text
     assert f'heapsync_ingest_requests_total{{{route},status="403"}} 1.0' in text
-    assert 'heapsync_ingest_ids_total{op="add"} 2.0' in text
+    assert 'heapsync_ingest_ids_total{op="add"} 12002.0' in text
     assert 'heapsync_ingest_signature_failures_total{problem="mismatch"} 1.0' in text
     for name in ("heapsync_ingest_request_seconds_bucket", "heapsync_ingest_body_bytes_count",
-                 'heapsync_ingest_produce_seconds_count{outcome="acked",topic="pages"} 1.0'):
+                 'heapsync_ingest_produce_seconds_count{outcome="acked",topic="pages"} 2.0'):
         assert name in text
 
     assert proc.stop() == 0

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from heapsync import contracts
 from heapsync.contracts import PageRecord, RejectedRecord
 from heapsync.samples import drain_request, heap_request
-from ingest import app, openapi
+from ingest import app, openapi, signature
 
 NOW = datetime(2026, 11, 24, 5, 0, 1, 123456, tzinfo=timezone.utc)
 
@@ -124,3 +124,46 @@ def test_openapi_document_is_well_formed() -> None:
     for sample, name in ((heap_request("t", 1, 1, add=["a"]), "HeapSync"), (drain_request(), "HeapDrain")):
         assert set(doc["components"]["schemas"][name]["required"]) <= set(sample)
     assert orjson.loads(orjson.dumps(doc)) == doc
+
+
+# ---------------------------------------------------------------- examine: the pure core of the webhook
+
+SECRET = b"s3cret"
+WINDOW = signature.Window.of_seconds(3600, 60)
+NOW_MS = 1_763_900_000_000
+
+
+def examine(body: bytes, secret: bytes = SECRET, ts_ms: int = NOW_MS) -> app.Examined:
+    header = signature.heap_hash_header(secret, ts_ms, body)
+    return app.examine(header, body, [SECRET], NOW_MS, WINDOW)
+
+
+def test_examine_takes_a_signed_sync_and_a_drain() -> None:
+    found = examine(orjson.dumps(heap_request("t", 1, 2, add=["a@x.io"], remove=[], segment_id=9)))
+    assert found.problem is None and found.errors is None and found.action == "segment.users.sync"
+    assert isinstance(found.payload, contracts.HeapSync) and found.payload.data.segment.id == "9"
+    assert isinstance(examine(orjson.dumps(drain_request())).payload, contracts.HeapDrain)
+
+
+def test_examine_checks_the_signature_before_looking_at_the_body() -> None:
+    assert examine(b"{not json", secret=b"other").problem is signature.SignatureProblem.MISMATCH
+    assert examine(b"{not json", ts_ms=NOW_MS - 7_200_000).problem is signature.SignatureProblem.STALE
+
+
+def test_examine_reports_field_paths_and_keeps_unknown_actions_apart() -> None:
+    assert examine(b"[1, 2]").errors == [{"path": "(body)", "message": "Input should be an object",
+                                          "type": "dict_type"}]
+    assert examine(b'{"action_type": 5}').errors[0]["path"] == "action_type"  # type: ignore[index]
+    bad = heap_request("t", 2, 1, add=[""])
+    paths = {e["path"] for e in examine(orjson.dumps(bad)).errors or []}
+    assert paths == {"data.sync_info", "data.add.0.id"}
+    other = examine(b'{"action_type": "segment.users.merge"}')
+    assert other.action == "segment.users.merge" and other.payload is None and other.errors is None
+
+
+@given(body=st.binary(max_size=400) | json_values.map(orjson.dumps))
+def test_examine_never_raises_on_a_signed_body(body: bytes) -> None:
+    found = examine(body)
+    assert found.problem is None
+    assert (found.errors is not None) or (found.action is not None)
+    assert found.payload is None or found.errors is None
