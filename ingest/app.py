@@ -347,8 +347,10 @@ class Ingress:
         value = page_record_bytes(account_id, request_id, received_at, body)
         await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
-            self._ids_add.inc(len(payload.data.add or ()))
-            self._ids_remove.inc(len(payload.data.remove or ()))
+            if payload.data.add:
+                self._ids_add.inc(len(payload.data.add))
+            if payload.data.remove:
+                self._ids_remove.inc(len(payload.data.remove))
         outcome.reason = action
         return json_response(200, {"status": "accepted", "request_id": request_id})
 

@@ -135,8 +135,10 @@ def decode_signature(sig: str) -> list[bytes]:
             raw = base64.b64decode(padded, altchars=altchars, validate=True)
         except (binascii.Error, ValueError):
             continue
-        if len(raw) == 32 and raw not in candidates:
+        if len(raw) == 32:
+            # a string valid in both alphabets has no '+/-_' and decodes the same in both
             candidates.append(raw)
+            break
     return candidates
 
 
