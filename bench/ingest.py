@@ -40,9 +40,12 @@ def serve_bare(port: int) -> None:
         await request.read()
         return web.json_response({"status": "accepted"})
 
+    from ingest.server import event_loop
+
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/heap/listMembership/{account_id}", handle)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    # the same event loop as the ingress, so that the ratio compares like with like
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None, loop=event_loop())
 
 
 # ---------------------------------------------------------------- the load generator

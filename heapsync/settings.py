@@ -138,7 +138,9 @@ class Settings(BaseSettings):
     ingest_queue_max_kbytes: int = Field(
         64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."
     )
-    ingest_linger_ms: float = Field(5.0, ge=0, description="Producer linger: batches concurrent pages into one request.")
+    ingest_linger_ms: float = Field(
+        1.0, ge=0, description="Producer linger; records also batch while earlier requests are in flight."
+    )
 
     # processors
     processor_group: str = "heapsync-assembler"

@@ -167,3 +167,21 @@ def test_examine_never_raises_on_a_signed_body(body: bytes) -> None:
     assert found.problem is None
     assert (found.errors is not None) or (found.action is not None)
     assert found.payload is None or found.errors is None
+
+
+def test_loop_metrics_expose_like_prometheus_client() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from ingest.metrics import LoopHistogram, _LoopCollector
+
+    ours = LoopHistogram("t_seconds", "doc", ["route"], buckets=(0.1, 1.0))
+    registry = CollectorRegistry()
+    registry.register(_LoopCollector([ours]))
+    reference_registry = CollectorRegistry()
+    reference = Histogram("t_seconds", "doc", ["route"], buckets=(0.1, 1.0), registry=reference_registry)
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        ours.labels("/x").observe(value)
+        reference.labels("/x").observe(value)
+    lines = lambda reg: sorted(l for l in generate_latest(reg).decode().splitlines()  # noqa: E731
+                               if l.startswith("t_seconds") and "_created" not in l)
+    assert lines(registry) == lines(reference_registry)
