@@ -99,13 +99,13 @@ async def load(url: str, ids_per_page: int, count: int, duration: float, concurr
             async with session.post(url, data=body, headers=headers) as resp:
                 await resp.read()
         deadline = time.perf_counter() + duration
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, load_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     latencies.sort()
     done = len(latencies)
     return {
-        "requests": done, "seconds": elapsed, "statuses": statuses,
+        "requests": done, "seconds": elapsed, "statuses": statuses, "load_cpu_s": load_cpu,
         "pages_per_s": done / elapsed, "ids_per_s": done * ids_per_page / elapsed,
         "p50_ms": latencies[done // 2] * 1000 if done else None,
         "p99_ms": latencies[min(done - 1, int(done * 0.99))] * 1000 if done else None,
@@ -167,7 +167,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def fmt(r: dict[str, Any]) -> str:
-    cpu = f", server CPU {r['server_cpu_s'] / r['seconds']:.0%}"
+    cpu = f", server CPU {r['server_cpu_s'] / r['seconds']:.0%}, load generator CPU {r['load_cpu_s'] / r['seconds']:.0%}"
     if "broker_cpu_s" in r:
         cpu += f", broker CPU {r['broker_cpu_s'] / r['seconds']:.0%}"
     return (f"{r['pages_per_s']:8.0f} pages/s {r['ids_per_s']:10.0f} ids/s  p50 {r['p50_ms']:6.1f} ms  "

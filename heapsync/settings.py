@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."
     )
     ingest_linger_ms: float = Field(
-        1.0, ge=0, description="Producer linger; records also batch while earlier requests are in flight."
+        5.0, ge=0, description="Producer linger: concurrent pages share one produce request."
     )
 
     # processors
