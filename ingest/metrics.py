@@ -91,7 +91,8 @@ class LoopHistogram:
         return child
 
     def observe(self, value: float) -> None:
-        self.labels().observe(value)
+        child = self._children.get(())
+        (child or self.labels()).observe(value)
 
     def collect(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
