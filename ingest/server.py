@@ -62,7 +62,7 @@ def tune_gc() -> None:
 def event_loop() -> asyncio.AbstractEventLoop:
     """uvloop (a dependency; MagicStack's libuv loop, the one aiohttp's docs suggest for servers), else asyncio's.
 
-    In the ingest benchmark it raised the ingress's pages/s by about 8% on the same CPU. Set
+    An A/B in the ingest benchmark measured about 10% less CPU per page (BENCHMARKS.md). Set
     HEAPSYNC_INGEST_UVLOOP=0 to run on asyncio's default loop (to compare, or to rule it out).
     """
     if os.environ.get("HEAPSYNC_INGEST_UVLOOP", "1") != "0":
