@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     signature_max_future_seconds: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     produce_timeout_seconds: float = Field(10.0, gt=0)
+    ingest_queue_max_kbytes: int = Field(
+        64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."
+    )
+    ingest_linger_ms: float = Field(
+        5.0, ge=0, description="Producer linger: concurrent pages share one produce request."
+    )
 
     # processors
     processor_group: str = "heapsync-assembler"

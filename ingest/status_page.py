@@ -259,9 +259,9 @@ class Tailer:
 
 def add_status_routes(app: web.Application, settings: Settings) -> None:
     """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app."""
-    if not getattr(settings, "status_page_enabled", True):
+    if not settings.status_page_enabled:
         return
-    board = StatusBoard(recent=getattr(settings, "status_page_recent", 20))
+    board = StatusBoard(recent=settings.status_page_recent)
     tailer = Tailer(settings, board)
     app[BOARD_KEY] = board
 
