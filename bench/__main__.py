@@ -1,11 +1,11 @@
-"""Run every benchmark (or the ones named): ``python -m bench [ingest] [assembler] [sink]``."""
+"""Run every benchmark (or the ones named): ``python -m bench [ingest] [assembler] [sink] [archive] [replay]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHMARKS = ["ingest", "assembler", "sink"]
+BENCHMARKS = ["ingest", "assembler", "sink", "archive", "replay"]
 
 
 def main(argv: list[str]) -> int:

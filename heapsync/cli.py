@@ -28,6 +28,26 @@ def _accounts(settings: Settings) -> dict:
         raise click.ClickException(str(exc)) from exc
 
 
+def _echo_json(doc: object) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _broker_errors(fn):  # type: ignore[no-untyped-def]
+    """An operator command meets an unreachable broker with one clear line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        from confluent_kafka import KafkaException
+
+        try:
+            return fn(*args, **kwargs)
+        except KafkaException as exc:
+            raise click.ClickException(f"Kafka at {_settings().kafka_bootstrap}: {exc}") from exc
+
+    return wrapper
+
+
 @click.group()
 @click.version_option(package_name="heapsync")
 def cli() -> None:
@@ -67,6 +87,10 @@ def process() -> None:
 @cli.command()
 def sink() -> None:
     """Apply deltas to Cordial."""
+    import signal
+
+    # SIGTERM before the loop is up (still importing, connecting): nothing is in flight, exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     import asyncio
 
     from heapsync.kafka import ensure_topics
@@ -87,16 +111,26 @@ def sink() -> None:
 @click.option("--latency", type=float, default=0.0, help="Seconds added to every API call.")
 @click.option("--rate-limit", type=float, default=None, help="Requests per second per API key (429 above).")
 @click.option("--error-rate", type=float, default=0.0, help="Share of API calls answered 503.")
+@click.option("--outage", "outages", multiple=True, metavar="START:SECONDS",
+              help="Answer every API call 503 from START for SECONDS (seconds after start; repeatable).")
+@click.option("--import-step", type=float, default=0.2, show_default=True,
+              help="Seconds a contact import job spends in each of Scheduled, Pending, Processing.")
+@click.option("--seed", type=int, default=None, help="Seed for the error-rate dice.")
 def simulator(port: int, host: str, accounts: tuple[str, ...], latency: float, rate_limit: float | None,
-              error_rate: float) -> None:
-    """Run the local Cordial simulator (state at /_sim/lists)."""
+              error_rate: float, outages: tuple[str, ...], import_step: float, seed: int | None) -> None:
+    """Run the local Cordial simulator (state at /_sim/state and /_sim/lists)."""
     from aiohttp import web
 
     from sinks.cordial_simulator import CordialSimulator, SimConfig
 
     keys = dict(a.split("=", 1) for a in accounts) if accounts else {"demo": "demo-cordial-key"}
+    try:
+        windows = [(float(o.split(":")[0]), float(o.split(":")[1])) for o in outages]
+    except (IndexError, ValueError) as exc:
+        raise click.BadParameter("--outage takes START:SECONDS, e.g. 10:30") from exc
     sim = CordialSimulator(keys, SimConfig(latency_seconds=latency, rate_limit_per_second=rate_limit,
-                                           error_rate=error_rate))
+                                           error_rate=error_rate, outages=windows,
+                                           import_step_seconds=import_step, seed=seed))
     logs.setup(_settings().log_level)
     web.run_app(sim.app(), host=host, port=port, print=None, access_log=None)
 
@@ -176,15 +210,211 @@ def schema(write: bool) -> None:
 
 
 @cli.command()
-def topics() -> None:
-    """Create any missing heapsync topic and list them."""
-    from heapsync.kafka import ensure_topics
+@click.option("--create/--no-create", default=True, show_default=True,
+              help="Create missing topics with explicit settings (partitions, retention, cleanup policy).")
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def topics(create: bool, as_json: bool) -> None:
+    """Create any missing heapsync topic, and show each with partitions, retention and cleanup policy."""
+    from heapsync.topics_admin import describe
 
     settings = _settings()
-    created = ensure_topics(settings)
-    for name in settings.topics.all():
-        click.echo(f"{name}{'  (created)' if name in created else ''}")
+    logs.setup("WARNING")
+    rows = describe(settings, create=create)
+    if as_json:
+        _echo_json(rows)
+        return
+    from heapsync.ops_render import render_topics
 
+    render_topics(rows)
+
+
+# --------------------------------------------------------------------------
+# Operations: replay, dead letters, status, archive (see README "Runbooks")
+# --------------------------------------------------------------------------
+
+
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["pages", "deltas"]))
+@click.option("--since", default=None, metavar="ISO_TIME",
+              help="Replay records written at or after this time (e.g. 2026-11-24T05:00:00Z; naive = UTC).")
+@click.option("--from-offset", type=int, default=None, help="Replay from this offset in every partition.")
+@click.option("--account", default=None, help="Only this account.")
+@click.option("--segment", default=None, help="Only this segment (id or name; for deltas also the list name).")
+@click.option("--include-replays", is_flag=True, help="Also replay records that are themselves replays.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be replayed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_broker_errors
+def replay(kind: str, since: str | None, from_offset: int | None, account: str | None, segment: str | None,
+           include_replays: bool, dry_run: bool, as_json: bool) -> None:
+    """Re-drive a range of the pages topic (through the assembler) or the deltas topic (through the sinks)."""
+    from heapsync.replay import Filter, ReplayError, parse_since, run_replay
+
+    if (since is None) == (from_offset is None):
+        raise click.UsageError("give exactly one of --since or --from-offset")
+    try:
+        since_ms = parse_since(since) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(f"not an ISO 8601 time: {since}", param_hint="--since") from exc
+    settings = _settings()
+    logs.setup("WARNING")
+    try:
+        report = run_replay(settings, kind, since_ms=since_ms, from_offset=from_offset,  # type: ignore[arg-type]
+                            flt=Filter(account, segment, include_replays), dry_run=dry_run,
+                            progress=sys.stderr.isatty() and not as_json)
+    except ReplayError as exc:
+        raise click.ClickException(f"{exc} (replay id {exc.report.replay_id}; "
+                                   f"{exc.report.produced} delivered: re-running the replay is safe)") from exc
+    if as_json:
+        _echo_json(report.as_json())
+        return
+    from heapsync.ops_render import render_replay
+
+    render_replay(report)
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: list, show and re-drive them (rejected requests, assembler, sink)."""
+
+
+_dlq_topic = click.option("--topic", "sources", multiple=True, type=click.Choice(["rejected", "assembler", "sink"]),
+                          help="Which dead-letter topic (repeatable; default all three).")
+_dlq_account = click.option("--account", default=None, help="Only entries of this account.")
+_dlq_reason = click.option("--reason", default=None, help="Only entries whose reason contains this text.")
+
+
+def _dlq_entries(sources: tuple[str, ...], account: str | None, reason: str | None) -> tuple[list, dict]:
+    from heapsync import dlq as dlq_mod
+
+    settings = _settings()
+    entries = dlq_mod.load(settings, sources or dlq_mod.SOURCES)  # type: ignore[arg-type]
+    marks = dlq_mod.load_marks(settings)
+    return [e for e in entries if dlq_mod.matches(e, account=account, reason=reason)], marks
+
+
+@dlq.command("list")
+@_dlq_topic
+@_dlq_account
+@_dlq_reason
+@click.option("--all", "show_all", is_flag=True, help="Also entries already re-driven.")
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def dlq_list(sources: tuple[str, ...], account: str | None, reason: str | None, show_all: bool, as_json: bool) -> None:
+    """List dead-letter entries (pending and failed re-drives; --all for every one)."""
+    from heapsync.dlq import state_of
+
+    logs.setup("WARNING")
+    entries, marks = _dlq_entries(sources, account, reason)
+    rows = [{"id": e.id, "at": e.at.isoformat(timespec="seconds"), "account": e.account, "reason": e.reason,
+             "summary": e.summary, "state": state_of(e, marks)} for e in entries]
+    rows = [r for r in rows if show_all or r["state"] != "redriven"]
+    if as_json:
+        _echo_json(rows)
+        return
+    from heapsync.ops_render import render_rows
+
+    render_rows("dead letters", rows, ["id", "at", "account", "reason", "summary", "state"])
+
+
+@dlq.command("show")
+@click.argument("entry_id")
+@_broker_errors
+def dlq_show(entry_id: str) -> None:
+    """Print one entry in full (ENTRY_ID as in `dlq list`, e.g. sink:0:12). It may hold user ids."""
+    from heapsync.dlq import state_of
+
+    logs.setup("WARNING")
+    source = entry_id.split(":", 1)[0]
+    if source not in ("rejected", "assembler", "sink"):
+        raise click.BadParameter("an id looks like rejected:0:12, assembler:1:3 or sink:2:40", param_hint="ENTRY_ID")
+    entries, marks = _dlq_entries((source,), None, None)
+    found = next((e for e in entries if e.id == entry_id), None)
+    if found is None:
+        raise click.ClickException(f"no dead-letter entry {entry_id}")
+    _echo_json({"id": found.id, "at": found.at.isoformat(), "state": state_of(found, marks),
+                "redrive": marks.get(found.mark_key), "entry": found.doc})
+
+
+@dlq.command("redrive")
+@_dlq_topic
+@_dlq_account
+@_dlq_reason
+@click.option("--id", "ids", multiple=True, help="Only these entries (repeatable).")
+@click.option("--force", is_flag=True, help="Also entries already re-driven.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be re-driven.")
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | None, ids: tuple[str, ...],
+                force: bool, dry_run: bool, as_json: bool) -> None:
+    """Send entries back to where they failed; each is marked so it is not re-driven twice."""
+    from heapsync.dlq import redrive
+    from heapsync.replay import new_replay_id
+
+    logs.setup("WARNING")
+    settings = _settings()
+    entries, marks = _dlq_entries(sources, account, reason)
+    if ids:
+        entries = [e for e in entries if e.id in set(ids)]
+    report = redrive(settings, entries, marks, replay_id=new_replay_id(), force=force, dry_run=dry_run)
+    if as_json:
+        _echo_json(report.as_json())
+    else:
+        from heapsync.ops_render import render_rows
+
+        render_rows(f"re-drive {report.replay_id}{' (dry run)' if dry_run else ''}", report.outcomes,
+                    ["entry", "reason", "outcome", "detail"])
+        click.echo(f"produced: {report.produced['pages']} pages, {report.produced['deltas']} deltas; "
+                   f"already re-driven, skipped: {report.skipped_done}")
+    if any(o["outcome"] == "failed" for o in report.outcomes):
+        sys.exit(2)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_broker_errors
+def status(as_json: bool) -> None:
+    """Consumer lag, open syncs, dead letters and the last applied sync per list."""
+    from heapsync.status import gather
+
+    logs.setup("WARNING")
+    doc = gather(_settings())
+    if as_json:
+        _echo_json(doc)
+        return
+    from heapsync.ops_render import render_status
+
+    render_status(doc)
+
+
+@cli.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write (default HEAPSYNC_ARCHIVE_DIR or .heapsync/archive).")
+@click.option("--max-bytes", type=int, default=None, help="Rotate files at this size (HEAPSYNC_ARCHIVE_MAX_BYTES).")
+@click.option("--max-seconds", type=float, default=None, help="Rotate files at this age (HEAPSYNC_ARCHIVE_MAX_SECONDS).")
+def archive(directory: Path | None, max_bytes: int | None, max_seconds: float | None) -> None:
+    """Archive every delta as JSON Lines files (its own consumer group, HEAPSYNC_ARCHIVE_GROUP)."""
+    import asyncio
+
+    from heapsync.kafka import ensure_topics
+    from sinks.archive import build_runner
+
+    settings = _settings()
+    if directory is not None:
+        settings.archive_dir = directory
+    if max_bytes is not None:
+        settings.archive_max_bytes = max_bytes
+    if max_seconds is not None:
+        settings.archive_max_seconds = max_seconds
+    logs.setup(settings.log_level)
+    ensure_topics(settings)
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+    asyncio.run(build_runner(settings).run())
 
 def main() -> None:
     cli()

@@ -178,6 +178,8 @@ class RejectedRecord(BaseModel):
     errors: list[dict[str, Any]] = Field(default_factory=list)
     headers: dict[str, str] = Field(default_factory=dict)
     body: str
+    body_base64: str | None = Field(None, description="The exact body bytes, set only when they are not UTF-8.")
+    body_truncated: bool = Field(False, description="True when the body was cut to fit a Kafka record.")
 
 
 # --------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     base = {"retention.ms": retention_ms, "max.message.bytes": str(16 * 1024 * 1024)}
     configs = {name: dict(base) for name in t.all()}
     configs[t.sink_progress] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
+    configs[t.dlq_redrive] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
     return configs
 
 

@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     signature_max_future_seconds: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
     produce_timeout_seconds: float = Field(10.0, gt=0)
+    ingest_queue_max_kbytes: int = Field(
+        64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."
+    )
+    ingest_linger_ms: float = Field(
+        5.0, ge=0, description="Producer linger: concurrent pages share one produce request."
+    )
 
     # processors
     processor_group: str = "heapsync-assembler"
@@ -162,6 +168,50 @@ class Settings(BaseSettings):
     sink_max_retries: int = Field(8, ge=0)
     sink_backoff_max_seconds: float = Field(60.0, gt=0)
     sink_request_timeout_seconds: float = Field(30.0, gt=0)
+    sink_backoff_base_seconds: float = Field(
+        0.5, gt=0, description="First retry waits 0.5-1x this, doubling each attempt up to sink_backoff_max_seconds."
+    )
+    sink_auth_probe_seconds: float = Field(
+        30.0, gt=0, description="While an account's key is refused (401/403), probe it this often."
+    )
+    sink_rate_low_watermark: int = Field(
+        -1, description="Hold new requests until the window resets when X-Rate-Limit-Remaining drops to this; "
+                        "-1 = the account's max_concurrency."
+    )
+    sink_max_inflight_messages: int = Field(
+        5000, ge=1, description="Delta chunks read but not yet applied; polling pauses above this."
+    )
+    sink_lane_parallel_chunks: int = Field(
+        8, ge=1, description="Chunks of one delta applied at once (they touch disjoint ids)."
+    )
+    sink_commit_interval_seconds: float = Field(1.0, gt=0)
+    sink_shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight chunks may finish before they are abandoned."
+    )
+    sink_bulk_threshold: int = Field(
+        10_000, ge=1, description="Deltas with more operations than this go through a contact import."
+    )
+    sink_files_host: str = Field("127.0.0.1", description="Where the sink serves import CSVs.")
+    sink_files_port: int = Field(0, ge=0, description="0 = any free port.")
+    sink_files_public_url: str | None = Field(
+        None, description="Base URL Cordial uses to reach the CSV server (default http://host:port)."
+    )
+    sink_files_secret: SecretStr | None = Field(
+        None, description="HMAC key signing CSV URLs; default a random key per process."
+    )
+    sink_files_ttl_seconds: float = Field(3600.0, gt=0, description="How long a signed CSV URL stays valid.")
+    sink_import_poll_seconds: float = Field(0.5, gt=0, description="First wait between GET /jobs/{id} polls.")
+    sink_import_timeout_seconds: float = Field(3600.0, gt=0)
+
+    # archive sink (sinks/archive.py): every delta as JSON Lines files
+    archive_dir: Path = Path(".heapsync/archive")
+    archive_group: str = "heapsync-archive-sink"
+    archive_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Rotate a file at this size.")
+    archive_max_seconds: float = Field(3600.0, gt=0, description="Rotate a file at this age.")
+
+    # status page (ingest/status_page.py)
+    status_page_enabled: bool = True
+    status_page_recent: int = Field(20, ge=1, description="Recent syncs kept per list on the status page.")
 
     log_level: str = "INFO"
     metrics_port: int | None = Field(

@@ -39,5 +39,15 @@ class Topics:
         """Compacted: one AppliedChunk per applied chunk and sink (repeat detection, status)."""
         return f"{self.prefix}.sink.progress"
 
+    @property
+    def dlq_redrive(self) -> str:
+        """Compacted: one record per re-driven dead-letter entry (``heapsync dlq redrive``), so none is re-driven twice."""
+        return f"{self.prefix}.dlq.redrive"
+
+    def dead_letter_topics(self) -> dict[str, str]:
+        """The dead-letter topics by the short name ``heapsync dlq --topic`` uses."""
+        return {"rejected": self.rejected, "assembler": self.assembler_dlq, "sink": self.sink_dlq}
+
     def all(self) -> list[str]:
-        return [self.pages, self.rejected, self.deltas, self.assembler_dlq, self.sink_dlq, self.sink_progress]
+        return [self.pages, self.rejected, self.deltas, self.assembler_dlq, self.sink_dlq, self.sink_progress,
+                self.dlq_redrive]

@@ -167,7 +167,7 @@ class Assembler:
                 "segment_name": payload.data.segment.name,
                 "identity_field": payload.customer_config.identity_field(),
                 "announced": info.total_pages,
-                "total": info.total_pages,
+                "total_pages": info.total_pages,
                 "received": 0,
                 "partition": partition,
                 "started_at": now,
@@ -180,7 +180,7 @@ class Assembler:
             log.warning("pages of one sync disagree on total_pages; the largest is used",
                         extra={"sync": skey, "page": page, "total_pages": info.total_pages,
                                "first_total_pages": meta["announced"]})
-        meta["total"] = rules.expected_pages(meta["total"], page, info.total_pages)
+        meta["total_pages"] = rules.expected_pages(meta["total_pages"], page, info.total_pages)
 
         pkey = rules.page_key(skey, page)
         previous = self.pages.get(pkey)
@@ -189,18 +189,18 @@ class Assembler:
             # Re-assert what a crash may have lost (each table has its own changelog): the first
             # copy of the page, the page count, the sync's place in its segment's queue.
             self.pages[pkey] = previous
-            meta["received"] = self._recount(skey, meta["total"])
+            meta["received"] = self._recount(skey, meta["total_pages"])
             self._enqueue(seg, skey, partition, meta["started_at"])
         else:
             self.counters.conflicts += changes.conflicts
             self.pages[pkey] = encoded
             meta["received"] += 1
         self.syncs[skey] = meta
-        self._advance(skey, page, changes if previous is None else None, meta["total"])
+        self._advance(skey, page, changes if previous is None else None, meta["total_pages"])
         # An incomplete sync cannot release its segment's queue (timeouts are the ticks' job), so
         # most pages skip the queue check. A repeat always re-checks: it may be a redelivery after
         # a crash that stopped between storing the last page and emitting.
-        if previous is None and meta["received"] < meta["total"]:
+        if previous is None and meta["received"] < meta["total_pages"]:
             return Step()
         return Step(segments=[seg])
 
@@ -256,7 +256,7 @@ class Assembler:
             "segment_name": payload.data.segment.name,
             "identity_field": payload.customer_config.identity_field(),
             "announced": 0,
-            "total": 0,
+            "total_pages": 0,
             "received": 0,
             "partition": partition,
             "started_at": now,
@@ -291,16 +291,16 @@ class Assembler:
             if meta["kind"] == "drain":
                 return self._emission(head, meta, {}, complete=True, now=now)
             stored: dict[int, str] = {}
-            if meta["received"] >= meta["total"]:
-                stored = self._stored(head, meta["total"])
-                if len(stored) == meta["total"]:
+            if meta["received"] >= meta["total_pages"]:
+                stored = self._stored(head, meta["total_pages"])
+                if len(stored) == meta["total_pages"]:
                     return self._emission(head, meta, stored, complete=True, now=now)
                 meta = {**meta, "received": len(stored)}  # the counter ran ahead of the pages: repair
                 self.syncs[head] = meta
                 log.warning("sync's page counter ran ahead of its stored pages; repaired",
-                            extra={"sync": head, "stored": len(stored), "total_pages": meta["total"]})
+                            extra={"sync": head, "stored": len(stored), "total_pages": meta["total_pages"]})
             if now - meta["started_at"] >= self.timeout_seconds:
-                stored = stored or self._stored(head, meta["total"])
+                stored = stored or self._stored(head, meta["total_pages"])
                 return self._emission(head, meta, stored, complete=False, now=now)
             return None
 
@@ -406,7 +406,7 @@ class Assembler:
     def _cleanup(self, skey: str, seg: str, meta: dict[str, Any] | None,
                  stored_pages: Iterable[int] | None = None) -> None:
         if stored_pages is None:
-            stored_pages = range(1, (meta or {}).get("total", 0) + 1)
+            stored_pages = range(1, (meta or {}).get("total_pages", 0) + 1)
         for p in stored_pages:
             pkey = rules.page_key(skey, p)
             if pkey in self.pages:
@@ -419,7 +419,7 @@ class Assembler:
                   complete: bool, now: float) -> Emission:
         seg = meta["segment"]
         is_sync = meta["kind"] == "sync"
-        total = meta["total"]
+        total = meta["total_pages"]
         missing = rules.missing_pages(stored, total) if is_sync else []
         done_value: dict[str, Any] = {
             "at": now, "complete": complete,
@@ -450,7 +450,7 @@ class Assembler:
             chunks: list[tuple[list[str], list[str]]] = [([], [])]
         else:
             run = self._running.get(skey)
-            if complete and run is not None and run.next_page > meta["total"]:
+            if complete and run is not None and run.next_page > meta["total_pages"]:
                 net = rules.net_from_state(run.state)
             else:
                 net = rules.net_of_ordered(self._read_pages(skey, sorted(stored)))
@@ -465,7 +465,7 @@ class Assembler:
             kind=meta["kind"],
             sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,
             complete=complete,
-            total_pages=meta["total"],
+            total_pages=meta["total_pages"],
             missing_pages=missing,
             chunks=len(chunks),
             replay_id=meta["replay_id"],

@@ -1,9 +1,23 @@
 """What every consumer of the deltas topic shares: the sink interface and its Kafka loop.
 
 A downstream consumer is one class implementing :class:`DeltaSink`, run by
-:func:`run_sink` with its own consumer group, so it keeps its own progress and
-can be replayed on its own. The loop commits a message's offset only after
-``apply`` returned (at-least-once); ``apply`` must therefore be idempotent.
+:class:`SinkRunner` (built with :func:`make_runner`) with its own consumer group,
+so it keeps its own progress and can be replayed on its own.
+
+How the loop keeps at-least-once without letting one slow account block the rest:
+
+- Chunks go into *lanes*, one per (account, list), each applied in offset order;
+  lanes run concurrently. A paused account only stalls its own lanes.
+- Consecutive chunks of one delta touch disjoint ids (the Delta contract), so a
+  lane applies up to ``sink_lane_parallel_chunks`` of them at once.
+- Offsets are committed per partition only up to the lowest chunk not yet applied
+  (:mod:`sinks.offsets`), so a crash redoes at most what was unfinished.
+- After a chunk is applied an :class:`AppliedChunk` is written to the compacted
+  progress topic; on start the runner reads it back and skips chunks it already
+  applied (a repeat after a crash or rebalance), and ``heapsync status`` shows it.
+- Polling pauses while ``sink_max_inflight_messages`` chunks are unfinished.
+- SIGTERM: stop reading, let running chunks finish for ``sink_shutdown_grace_seconds``,
+  abandon the rest (not committed: redone on restart), commit, exit 0.
 """
 
 from __future__ import annotations
@@ -11,17 +25,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable, Protocol, runtime_checkable
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
 
-from heapsync.contracts import Delta
-from heapsync.kafka import AsyncProducer
+from heapsync.contracts import AppliedChunk, Delta
+from heapsync.kafka import AsyncProducer, ProduceError
 from heapsync.settings import Settings
+from sinks import metrics
+from sinks.offsets import Entry, PartitionProgress
 
 log = logging.getLogger("heapsync.sink")
+
+
+@dataclass
+class ChunkResult:
+    """What ``DeltaSink.apply`` may return; the runner records it in the progress topic."""
+
+    dead_lettered: int = 0
+    path: str = "rest"
 
 
 @runtime_checkable
@@ -29,13 +57,16 @@ class DeltaSink(Protocol):
     """A downstream consumer of deltas."""
 
     name: str
+    # Optional class attribute ``concurrent = False``: the runner then applies one chunk at a
+    # time, in offset order, across all lists (for sinks that are not safe to call concurrently).
 
     async def start(self) -> None:
         """Open connections; called once before the first delta."""
 
-    async def apply(self, delta: Delta) -> None:
+    async def apply(self, delta: Delta) -> ChunkResult | None:
         """Apply one chunk. Return when it is applied (or dead-lettered by the sink itself);
-        raise to stop the loop without committing, so the chunk is redone on restart."""
+        raise to stop the loop without committing, so the chunk is redone on restart.
+        May be called concurrently for chunks of different lists (and for chunks of one delta)."""
 
     async def close(self) -> None:
         """Release connections; called once after the loop ends."""
@@ -50,12 +81,60 @@ class DeadLetters:
         self.sink_name = sink_name
 
     async def send(self, reason: str, detail: dict[str, object], key: str = "") -> None:
-        await self.producer.send(self.topic, orjson.dumps({"sink": self.sink_name, "reason": reason, **detail}),
-                                 key=key.encode())
+        metrics.DEAD_LETTERS.labels(self.sink_name, reason).inc()
+        await _send_retrying(self.producer, self.topic,
+                             orjson.dumps({"sink": self.sink_name, "reason": reason, **detail}), key.encode())
+
+
+async def _send_retrying(producer: AsyncProducer, topic: str, value: bytes, key: bytes,
+                         give_up_after: float = 120.0) -> None:
+    """A record we must not lose: retry a broker hiccup for a while, then raise (chunk redone later)."""
+    deadline = time.monotonic() + give_up_after
+    delay = 0.2
+    while True:
+        try:
+            await producer.send(topic, value, key=key)
+            return
+        except ProduceError as exc:
+            if not exc.retriable or time.monotonic() > deadline:
+                raise
+            log.warning("produce failed; retrying", extra={"topic": topic, "error": exc.reason})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@dataclass
+class _Item:
+    """One message on its way through a lane."""
+
+    msg: Message
+    delta: Delta | None
+    progress: PartitionProgress
+    entry: Entry
+    error: ValidationError | None = None
+
+    @property
+    def group(self) -> str | None:
+        """Chunks with the same group may run together: chunks of one sync delta."""
+        return self.delta.delta_id if self.delta is not None and self.delta.kind == "sync" else None
+
+
+@dataclass
+class _Lane:
+    queue: deque[_Item] = field(default_factory=deque)
+    task: asyncio.Task[None] | None = None
+
+
+def progress_key(sink: str, chunk_key: str) -> str:
+    return f"{sink}|{chunk_key}"
+
+
+def lane_key(delta: Delta | None) -> str:
+    return f"{delta.account}:{delta.list_name}" if delta is not None else "~unreadable"
 
 
 class SinkRunner:
-    """Consumes the deltas topic for one sink; commits after each applied chunk."""
+    """Consumes the deltas topic for one sink; see the module doc for the delivery rules."""
 
     def __init__(self, sink: DeltaSink, settings: Settings, dead_letters: DeadLetters, *,
                  group: str | None = None) -> None:
@@ -63,58 +142,284 @@ class SinkRunner:
         self.settings = settings
         self.group = group or f"heapsync-sink-{sink.name}"
         self.dead_letters = dead_letters
+        self.producer = dead_letters.producer
+        self.applied: set[str] = set()
         self._stopping = asyncio.Event()
+        self._draining = False
+        self._lanes: dict[str, _Lane] = {}
+        self._progress: dict[tuple[str, int], PartitionProgress] = {}
+        self._inflight = 0
+        self._paused = False
+        self._failure: BaseException | None = None
+        self._consumer: Consumer | None = None
+        self._concurrent = bool(getattr(sink, "concurrent", True))
+        self._parallel = settings.sink_lane_parallel_chunks if self._concurrent else 1
 
     def stop(self) -> None:
         self._stopping.set()
 
-    async def handle(self, msg: Message) -> None:
+    # -- progress topic ------------------------------------------------------
+
+    def load_progress(self, timeout: float = 60.0) -> int:
+        """Read the compacted progress topic to its end; returns how many applied chunks are known.
+
+        Uses partition EOF events rather than ListOffsets (which some brokers answer slowly)."""
+        topic = self.settings.topics.sink_progress
+        consumer = Consumer({
+            "bootstrap.servers": self.settings.kafka_bootstrap,
+            "group.id": f"{self.group}-progress-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        })
+        prefix = f"{self.sink.name}|"
         try:
-            delta = Delta.model_validate_json(msg.value() or b"")
+            meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                return 0
+            parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+            consumer.assign(parts)
+            at_end: set[int] = set()
+            deadline = time.monotonic() + timeout
+            while len(at_end) < len(parts) and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, 0.5):
+                    if msg.error():
+                        if msg.error().code() == KafkaError._PARTITION_EOF:
+                            at_end.add(msg.partition())
+                        continue
+                    key = (msg.key() or b"").decode()
+                    if key.startswith(prefix):
+                        if msg.value() is None:
+                            self.applied.discard(key[len(prefix):])
+                        else:
+                            self.applied.add(key[len(prefix):])
+            if len(at_end) < len(parts):
+                log.warning("progress topic not read to its end; repeats may be applied again (harmless)",
+                            extra={"partitions_read": len(at_end), "partitions": len(parts)})
+        finally:
+            consumer.close()
+        return len(self.applied)
+
+    async def record_applied(self, delta: Delta, result: ChunkResult | None) -> None:
+        record = AppliedChunk(
+            sink=self.sink.name, chunk_key=delta.chunk_key, delta_id=delta.delta_id, chunk=delta.chunk,
+            chunks=delta.chunks, account=delta.account, list_name=delta.list_name, segment_id=delta.segment_id,
+            sync_task_id=delta.sync_task_id, kind=delta.kind, complete=delta.complete, adds=len(delta.add),
+            removes=len(delta.remove), dead_lettered=result.dead_lettered if result else 0,
+        )
+        await _send_retrying(self.producer, self.settings.topics.sink_progress, record.model_dump_json().encode(),
+                             progress_key(self.sink.name, delta.chunk_key).encode())
+        self.applied.add(delta.chunk_key)
+
+    # -- one message -----------------------------------------------------------
+
+    @staticmethod
+    def decode(msg: Message) -> tuple[Delta | None, ValidationError | None]:
+        try:
+            return Delta.model_validate_json(msg.value() or b""), None
         except ValidationError as exc:
-            log.error("unreadable delta; dead-lettered", extra={"partition": msg.partition(), "offset": msg.offset()})
-            await self.dead_letters.send("unreadable delta", {
-                "partition": msg.partition(), "offset": msg.offset(),
-                "errors": exc.errors(include_input=False, include_url=False),
-                "value": (msg.value() or b"").decode("utf-8", "replace"),
-            })
+            return None, exc
+
+    async def handle(self, msg: Message) -> None:
+        """Apply one message now (no lanes, no repeat check): kept for callers that drive messages themselves."""
+        delta, error = self.decode(msg)
+        if delta is None:
+            await self._dead_letter_unreadable(msg, error)
             return
         await self.sink.apply(delta)
 
-    def _consumer(self) -> Consumer:
-        return Consumer({
+    async def _dead_letter_unreadable(self, msg: Message, error: ValidationError | None) -> None:
+        log.error("unreadable delta; dead-lettered", extra={"partition": msg.partition(), "offset": msg.offset()})
+        metrics.CHUNKS.labels(self.sink.name, "unreadable").inc()
+        await self.dead_letters.send("unreadable delta", {
+            "partition": msg.partition(), "offset": msg.offset(),
+            "errors": error.errors(include_input=False, include_url=False) if error else [],
+            "value": (msg.value() or b"").decode("utf-8", "replace"),
+        })
+
+    async def _process(self, item: _Item) -> None:
+        if item.progress.revoked:
+            return  # the partition moved to another consumer, which reads it from the committed offset
+        delta = item.delta
+        if delta is None:
+            await self._dead_letter_unreadable(item.msg, item.error)
+        elif delta.chunk_key in self.applied:
+            metrics.CHUNKS.labels(self.sink.name, "repeated").inc()
+            log.info("chunk already applied; skipped", extra={"delta_id": delta.delta_id, "chunk": delta.chunk,
+                                                              "account": delta.account})
+        else:
+            started = time.monotonic()
+            result = await self.sink.apply(delta)
+            await self.record_applied(delta, result)
+            path = result.path if result else ("drain" if delta.kind == "drain" else "rest")
+            metrics.CHUNK_SECONDS.labels(self.sink.name, path).observe(time.monotonic() - started)
+            metrics.CHUNKS.labels(self.sink.name, "applied").inc()
+        item.entry.done = True
+
+    async def _run_lane(self, key: str, lane: _Lane) -> None:
+        try:
+            while lane.queue and not self._draining:
+                batch = [lane.queue.popleft()]
+                group = batch[0].group
+                while (group is not None and lane.queue and len(batch) < self._parallel
+                       and lane.queue[0].group == group):
+                    batch.append(lane.queue.popleft())
+                try:
+                    await asyncio.gather(*(self._process(i) for i in batch))
+                finally:
+                    self._inflight -= len(batch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a sink raised: stop without committing this chunk
+            log.exception("sink failed; stopping", extra={"lane": key})
+            self._failure = exc
+            self.stop()
+        finally:
+            if self._lanes.get(key) is lane:
+                del self._lanes[key]
+            self._inflight -= len(lane.queue)
+            lane.queue.clear()
+
+    def _enqueue(self, msg: Message) -> None:
+        tp = (msg.topic(), msg.partition())
+        progress = self._progress.get(tp)
+        if progress is None:  # not (or no longer) assigned to us
+            progress = self._progress[tp] = PartitionProgress(*tp)
+        delta, error = self.decode(msg)
+        item = _Item(msg, delta, progress, progress.track(msg.offset()), error)
+        key = lane_key(delta) if self._concurrent else "~serial"
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        lane.queue.append(item)
+        self._inflight += 1
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._run_lane(key, lane), name=f"lane {key}")
+
+    # -- Kafka ---------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._progress[(tp.topic, tp.partition)] = PartitionProgress(tp.topic, tp.partition)
+        log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(consumer, sync=True, only={(tp.topic, tp.partition) for tp in partitions})
+        for tp in partitions:
+            progress = self._progress.pop((tp.topic, tp.partition), None)
+            if progress is not None:
+                progress.revoked = True
+        log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _commit(self, consumer: Consumer, *, sync: bool, only: set[tuple[str, int]] | None = None) -> None:
+        offsets = []
+        for tp, progress in self._progress.items():
+            if only is not None and tp not in only:
+                continue
+            point = progress.due()
+            if point is not None:
+                offsets.append(TopicPartition(tp[0], tp[1], point))
+                progress.committed = point
+                metrics.COMMITTED.labels(self.sink.name, str(tp[1])).set(point)
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=not sync)
+        except KafkaException as exc:
+            log.warning("offset commit failed; will retry", extra={"error": str(exc)})
+            for tp in offsets:
+                progress = self._progress.get((tp.topic, tp.partition))
+                if progress is not None:
+                    progress.committed = None
+
+    def _consumer_config(self) -> dict[str, Any]:
+        return {
             "bootstrap.servers": self.settings.kafka_bootstrap,
             "group.id": self.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "max.poll.interval.ms": 3_600_000,
-        })
+            # a killed sink's partitions move to a restarted one after 10 s, not Kafka's default 45 s
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 3_000,
+        }
+
+    def _flow_control(self, consumer: Consumer) -> None:
+        """Stop fetching while too many chunks are unfinished; resume when they drain."""
+        limit = self.settings.sink_max_inflight_messages
+        if not self._paused and self._inflight >= limit:
+            consumer.pause(consumer.assignment())
+            self._paused = True
+        elif self._paused and self._inflight < max(1, limit // 2):
+            consumer.resume(consumer.assignment())
+            self._paused = False
+        metrics.INFLIGHT.labels(self.sink.name).set(self._inflight)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        consumer = self._consumer()
-        consumer.subscribe([self.settings.topics.deltas])
+        _serve_metrics_once(self.settings.metrics_port)
+        known = await loop.run_in_executor(None, self.load_progress)
+        consumer = self._consumer = Consumer(self._consumer_config())
+        consumer.subscribe([self.settings.topics.deltas], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                           on_lost=self._on_revoke)
         await self.sink.start()
-        log.info("sink started", extra={"sink": self.sink.name, "group": self.group})
+        log.info("sink started", extra={"sink": self.sink.name, "group": self.group, "applied_chunks_known": known})
+        last_commit = time.monotonic()
         try:
             while not self._stopping.is_set():
-                msg = await loop.run_in_executor(None, consumer.poll, 0.5)
-                if msg is None:
-                    continue
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error", extra={"error": msg.error().str()})
-                    continue
-                await self.handle(msg)
-                await loop.run_in_executor(None, lambda m=msg: consumer.commit(message=m, asynchronous=False))
+                self._flow_control(consumer)
+                msgs = consumer.consume(500, 0)  # non-blocking: fetching happens in librdkafka's threads
+                for msg in msgs:
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error", extra={"error": msg.error().str()})
+                        continue
+                    self._enqueue(msg)
+                if time.monotonic() - last_commit >= self.settings.sink_commit_interval_seconds:
+                    self._commit(consumer, sync=False)
+                    last_commit = time.monotonic()
+                if not msgs:
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), 0.02)
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0)
         finally:
-            await loop.run_in_executor(None, consumer.close)
+            await self._shutdown(consumer)
+        if self._failure is not None:
+            raise self._failure
+
+    async def _shutdown(self, consumer: Consumer) -> None:
+        self._draining = True  # lanes finish what they run, start nothing new
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None and not lane.task.done()]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=self.settings.sink_shutdown_grace_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+                log.warning("abandoned in-flight chunks; they are redone on restart",
+                            extra={"lanes": len(pending)})
+        try:
+            self._commit(consumer, sync=True)
+        finally:
+            consumer.close()
             await self.sink.close()
-            self.dead_letters.producer.close()
+            self.producer.close()
             log.info("sink stopped", extra={"sink": self.sink.name})
+
+
+_metrics_served = False
+
+
+def _serve_metrics_once(port: int | None) -> None:
+    global _metrics_served
+    if port and not _metrics_served:
+        metrics.serve(port)
+        _metrics_served = True
 
 
 def make_runner(sink_factory: Callable[[DeadLetters], DeltaSink], settings: Settings, *,

@@ -1,24 +1,29 @@
-"""The Cordial sink: applies each delta chunk to Cordial's REST API.
+"""The Cordial sink: applies each delta chunk to Cordial.
 
-Operations are idempotent (set a list attribute to true/false), so a chunk
-redone after a crash changes nothing. Operations that fail for good go to the
-sink's dead-letter topic and the rest of the chunk continues; a revoked key
-pauses the account without dropping anything.
+Operations are idempotent (set a list attribute to true/false), so a chunk redone
+after a crash changes nothing. Small deltas go through the REST API one contact at
+a time; big ones (over ``sink_bulk_threshold`` operations) through a contact import
+per chunk (:mod:`sinks.cordial_bulk`). Operations that fail for good go to the
+sink's dead-letter topic and the rest of the chunk continues; a refused key pauses
+that account's client without dropping anything (:mod:`sinks.cordial_client`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from heapsync.contracts import Delta
-from heapsync.settings import Account, Settings
-from sinks import operations
-from sinks.base import DeadLetters, SinkRunner, make_runner
+from heapsync.settings import Account, AccountError, Settings
+from sinks import metrics, operations
+from sinks.base import ChunkResult, DeadLetters, SinkRunner, make_runner
+from sinks.cordial_bulk import BulkImporter
 from sinks.cordial_client import CordialClient, CordialError
+from sinks.filehost import SignedFileHost
+from sinks.operations import delta_ref
 
 log = logging.getLogger("heapsync.sink.cordial")
+
 
 class CordialSink:
     name = "cordial"
@@ -28,7 +33,12 @@ class CordialSink:
         self.accounts = accounts
         self.dead_letters = dead_letters
         self.clients: dict[str, CordialClient] = {}
+        secret = settings.sink_files_secret.get_secret_value().encode() if settings.sink_files_secret else None
+        self.files = SignedFileHost(settings.sink_files_host, settings.sink_files_port,
+                                    settings.sink_files_public_url, secret, settings.sink_files_ttl_seconds)
+        self.bulk = BulkImporter(self.files, dead_letters, settings)
         self.applied_chunks = 0
+        self._keyless: set[str] = set()
 
     async def start(self) -> None:
         return None
@@ -36,47 +46,77 @@ class CordialSink:
     async def close(self) -> None:
         for c in self.clients.values():
             await c.close()
+        await self.files.close()
 
     def client(self, account: Account) -> CordialClient:
         if account.id not in self.clients:
+            s = self.settings
             self.clients[account.id] = CordialClient(
-                account,
-                timeout_seconds=self.settings.sink_request_timeout_seconds,
-                max_retries=self.settings.sink_max_retries,
-                backoff_max_seconds=self.settings.sink_backoff_max_seconds,
+                account, timeout_seconds=s.sink_request_timeout_seconds, max_retries=s.sink_max_retries,
+                backoff_base_seconds=s.sink_backoff_base_seconds, backoff_max_seconds=s.sink_backoff_max_seconds,
+                auth_probe_seconds=s.sink_auth_probe_seconds, low_water=s.sink_rate_low_watermark,
             )
         return self.clients[account.id]
 
-    async def apply(self, delta: Delta) -> None:
+    async def apply(self, delta: Delta) -> ChunkResult:
         account = self.accounts.get(delta.account)
-        ref = {"delta_id": delta.delta_id, "chunk": delta.chunk, "account": delta.account,
-               "list_name": delta.list_name}
         if account is None:
-            await self.dead_letters.send("unknown account", {**ref, "delta": delta.model_dump(mode="json")}, delta.delta_id)
-            return
-        client = self.client(account)
+            log.error("delta for an unknown account; dead-lettered", extra=delta_ref(delta))
+            await self.dead_letters.send("unknown account", {**delta_ref(delta), "delta": delta.model_dump(mode="json")},
+                                         delta.delta_id)
+            return ChunkResult(dead_lettered=len(delta.add) + len(delta.remove) or 1)
+        try:
+            client = self.client(account)
+        except AccountError as exc:
+            await self._wait_for_key(account, exc)
+            raise  # not reached: the wait ends only when the sink stops
         ops = operations.plan(delta, account)
+        if operations.use_bulk(delta, self.settings.sink_bulk_threshold, self.settings.delta_chunk_size):
+            dead = await self.bulk.apply(client, delta, ops)
+            if dead is not None:
+                self._done(delta, ops, "bulk")
+                return ChunkResult(dead_lettered=dead, path="bulk")
+            log.warning("contact import unavailable; applying the chunk through the REST API", extra=delta_ref(delta))
+        dead = await self.apply_rest(client, delta, ops)
+        self._done(delta, ops, "drain" if delta.kind == "drain" else "rest")
+        return ChunkResult(dead_lettered=dead, path="drain" if delta.kind == "drain" else "rest")
+
+    async def _wait_for_key(self, account: Account, exc: AccountError) -> None:
+        """No API key for the account (its environment variable is unset): treat it like a refused
+        key, pause that account's lanes and skip nothing; other accounts keep flowing."""
+        metrics.PAUSED.labels(account.id).set(1)
+        if account.id not in self._keyless:
+            self._keyless.add(account.id)
+            log.error("account has no Cordial API key; its deltas wait (set it and restart the sink)",
+                      extra={"account": account.id, "error": str(exc)})
+        await asyncio.Event().wait()
+
+    def _done(self, delta: Delta, ops: list[operations.Operation], path: str) -> None:
+        self.applied_chunks += 1
+        log.info("delta chunk applied", extra={**delta_ref(delta), "operations": len(ops), "path": path})
+
+    async def apply_rest(self, client: CordialClient, delta: Delta, ops: list[operations.Operation]) -> int:
+        """Every operation applied or dead-lettered; returns how many were dead-lettered."""
+        ref = delta_ref(delta)
+        dead = 0
 
         async def run(op: operations.Operation) -> None:
-            while True:
-                try:
-                    await client.apply(op)
-                    return
-                except CordialError as exc:
-                    if exc.auth:
-                        # Key revoked or IP not allowed: wait for it to be fixed, drop nothing.
-                        log.error("Cordial refused the account's key; pausing", extra={**ref, "status": exc.status})
-                        await asyncio.sleep(self.settings.sink_backoff_max_seconds)
-                        continue
-                    await self.dead_letters.send("cordial rejected the operation", {
-                        **ref, "operation": op.kind, "contact_id": op.contact_id,
-                        "identity_key": op.identity_key, "status": exc.status, "response": exc.body,
-                    }, delta.delta_id)
-                    return
+            nonlocal dead
+            try:
+                result = await client.apply(op)
+            except CordialError as exc:
+                dead += 1
+                metrics.OPERATIONS.labels(client.account.id, op.kind, "dead_lettered").inc()
+                reason = "cordial rejected the operation" if not exc.transient else "cordial kept failing"
+                await self.dead_letters.send(reason, {
+                    **ref, "operation": op.kind, "contact_id": op.contact_id, "identity_key": op.identity_key,
+                    "status": exc.status, "response": exc.body,
+                }, delta.delta_id)
+                return
+            metrics.OPERATIONS.labels(client.account.id, op.kind, result).inc()
 
         await asyncio.gather(*(run(op) for op in ops))
-        self.applied_chunks += 1
-        log.info("delta chunk applied", extra={**ref, "operations": len(ops)})
+        return dead
 
 
 def build_runner(settings: Settings, accounts: dict[str, Account]) -> SinkRunner:

@@ -43,6 +43,13 @@ class Operation:
         return body
 
 
+def delta_ref(delta: Delta) -> dict[str, object]:
+    """What a dead letter or log line carries to find its delta again (no contact ids)."""
+    return {"delta_id": delta.delta_id, "chunk": delta.chunk, "chunks": delta.chunks, "chunk_key": delta.chunk_key,
+            "account": delta.account, "list_name": delta.list_name, "segment_id": delta.segment_id,
+            "sync_task_id": delta.sync_task_id}
+
+
 def plan(delta: Delta, account: Account) -> list[Operation]:
     if delta.kind == "drain":
         return [Operation("clear", delta.list_name)]
@@ -50,3 +57,17 @@ def plan(delta: Delta, account: Account) -> list[Operation]:
     ops = [Operation("remove", delta.list_name, i, key) for i in delta.remove]
     ops += [Operation("add", delta.list_name, i, key) for i in delta.add]
     return ops
+
+
+def estimated_operations(delta: Delta, chunk_size: int) -> int:
+    """The whole delta's size as seen from one chunk: every chunk but the last is full,
+    so all chunks of one delta reach the same estimate (and take the same path)."""
+    n = len(delta.add) + len(delta.remove)
+    if delta.chunks == 1:
+        return n
+    return max(n, chunk_size) * delta.chunks
+
+
+def use_bulk(delta: Delta, threshold: int, chunk_size: int) -> bool:
+    """Big sync deltas go through a contact import; drains and small deltas through the REST API."""
+    return delta.kind == "sync" and estimated_operations(delta, chunk_size) > threshold

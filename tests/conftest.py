@@ -21,10 +21,15 @@ from typing import Any
 
 import pytest
 import urllib.error
+from hypothesis import HealthCheck, settings as hypothesis_settings
 import urllib.request
 
 from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, wait_for_port
 from ingest.signature import heap_hash_header
+
+# Speed is measured in benchmarks, not tests: on a loaded 2-core machine a slow example is not a failure.
+hypothesis_settings.register_profile("heapsync", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("heapsync")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,24 @@
+# One image for every heapsync stage; the command picks the stage (see docker-compose.yml).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1
+
+RUN useradd --system --create-home --home-dir /home/heapsync heapsync \
+    && mkdir -p /var/lib/heapsync/processor /var/lib/heapsync/archive /etc/heapsync \
+    && chown -R heapsync /var/lib/heapsync
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY heapsync ./heapsync
+COPY ingest ./ingest
+COPY processors ./processors
+COPY sinks ./sinks
+RUN pip install '.[rocksdb]'
+
+USER heapsync
+WORKDIR /var/lib/heapsync
+EXPOSE 8080
+ENTRYPOINT []
+CMD ["heapsync", "--help"]

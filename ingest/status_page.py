@@ -1,0 +1,283 @@
+"""A small read-only status page for the ingress: ``GET /status`` (HTML) and ``GET /status.json``.
+
+Shows recent syncs per account and list (chunks applied per sink, adds, removes,
+whether complete) and recent failures, from the sink progress topic and the
+three dead-letter topics. A background task tails those topics (no consumer
+group, nothing committed); it starts with the first request to the page, so an
+ingress nobody looks at pays nothing. No user ids are shown: counts, names and
+reasons only.
+
+:class:`StatusBoard` (the aggregation) and :func:`render_html` are pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from heapsync.settings import Settings
+
+log = logging.getLogger("heapsync.status_page")
+
+BOARD_KEY = web.AppKey("status_board", object)
+
+
+def _list_name(segment_name: str) -> str:
+    return "".join(segment_name.split())
+
+
+@dataclass
+class SyncView:
+    account: str
+    list_name: str
+    delta_id: str
+    sync_task_id: str | None
+    replay_id: str | None
+    kind: str = "sync"
+    chunks: int = 1
+    complete: bool = True
+    applied: dict[str, set[int]] = field(default_factory=dict)  # sink -> chunk numbers
+    chunk_counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk -> (adds, removes)
+    dead_lettered: int = 0
+    failures: int = 0
+    last_at: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "account": self.account, "list_name": self.list_name, "delta_id": self.delta_id,
+            "sync_task_id": self.sync_task_id, "replay_id": self.replay_id, "kind": self.kind,
+            "chunks": self.chunks, "complete": self.complete,
+            "applied": {s: len(c) for s, c in sorted(self.applied.items())},
+            "adds": sum(a for a, _ in self.chunk_counts.values()),
+            "removes": sum(r for _, r in self.chunk_counts.values()),
+            "dead_lettered": self.dead_lettered + self.failures, "last_at": self.last_at,
+        }
+
+
+class StatusBoard:
+    """Recent syncs per list and recent failures, fed record by record."""
+
+    def __init__(self, recent: int = 20, failures: int = 50) -> None:
+        self.recent = recent
+        self.lists: dict[tuple[str, str], OrderedDict[str, SyncView]] = {}
+        self.failures: deque[dict[str, Any]] = deque(maxlen=failures)
+        self.failure_counts: dict[str, int] = {}
+        self.records = 0
+
+    def _sync(self, account: str, list_name: str, delta_id: str, replay_id: str | None,
+              sync_task_id: str | None) -> SyncView:
+        syncs = self.lists.setdefault((account, list_name), OrderedDict())
+        key = f"{delta_id}@{replay_id}" if replay_id else delta_id
+        view = syncs.get(key)
+        if view is None:
+            view = syncs[key] = SyncView(account, list_name, delta_id, sync_task_id, replay_id)
+            while len(syncs) > self.recent:
+                syncs.popitem(last=False)
+        return view
+
+    def on_applied(self, doc: dict[str, Any]) -> None:
+        """One AppliedChunk record from the sink progress topic."""
+        self.records += 1
+        try:
+            chunk_key = str(doc["chunk_key"])
+            replay_id = chunk_key.split("@", 1)[1] if "@" in chunk_key else None
+            view = self._sync(str(doc["account"]), str(doc["list_name"]), str(doc["delta_id"]), replay_id,
+                              doc.get("sync_task_id"))
+            chunk = int(doc.get("chunk", 1))
+            view.applied.setdefault(str(doc.get("sink", "?")), set()).add(chunk)
+            view.chunk_counts[chunk] = (int(doc.get("adds", 0)), int(doc.get("removes", 0)))
+        except (KeyError, TypeError, ValueError):
+            return
+        view.kind = str(doc.get("kind", view.kind))
+        view.chunks = max(view.chunks, int(doc.get("chunks", 1) or 1))
+        view.complete = bool(doc.get("complete", True))
+        view.dead_lettered = max(view.dead_lettered, int(doc.get("dead_lettered", 0) or 0))
+        view.last_at = str(doc.get("applied_at", view.last_at))
+
+    def on_dead_letter(self, source: str, doc: dict[str, Any], timestamp_ms: int) -> None:
+        """One record from a dead-letter topic (rejected, assembler or sink)."""
+        self.records += 1
+        account = doc.get("account") if isinstance(doc.get("account"), str) else None
+        list_name = doc.get("list_name") if isinstance(doc.get("list_name"), str) else None
+        if isinstance(doc.get("delta"), dict):
+            account = account or doc["delta"].get("account")
+            list_name = list_name or doc["delta"].get("list_name")
+        if list_name is None and isinstance(doc.get("segment_name"), str):
+            list_name = _list_name(doc["segment_name"])
+        if account is None and isinstance(doc.get("sync"), str) and "|" in doc["sync"]:
+            account = doc["sync"].split("|", 1)[0]
+        reason = str(doc.get("reason") or "unknown")
+        at = datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat(timespec="seconds")
+        self.failures.append({"source": source, "account": account, "list_name": list_name,
+                              "reason": reason, "at": at})
+        self.failure_counts[f"{source}: {reason}"] = self.failure_counts.get(f"{source}: {reason}", 0) + 1
+        if source == "sink" and account and list_name and isinstance(doc.get("delta_id"), str):
+            self._sync(account, list_name, doc["delta_id"], doc.get("replay_id"),
+                       doc.get("sync_task_id")).failures += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lists": [
+                {"account": a, "list_name": lst, "syncs": [v.as_json() for v in reversed(syncs.values())]}
+                for (a, lst), syncs in sorted(self.lists.items())
+            ],
+            "failures": list(reversed(self.failures)),
+            "failure_counts": dict(sorted(self.failure_counts.items())),
+            "records_read": self.records,
+        }
+
+
+def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
+    """The page: plain HTML, no script, refreshes itself."""
+    e = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta http-equiv='refresh' content='10'><title>heapsync status</title>",
+        "<style>body{font:14px system-ui,sans-serif;margin:2em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:left}th{background:#f0f0f0}.ok{color:#176317}.warn{color:#a15c00}.bad{color:#b00020}"
+        "h2{margin-top:1.5em}</style></head><body>",
+        "<h1>heapsync status</h1>",
+        f"<p>Records read: {snap['records_read']}. This page is read-only and refreshes every 10 s.</p>",
+    ]
+    if not started:
+        parts.append("<p class='warn'>Starting to read the topics; refresh in a few seconds.</p>")
+    parts.append("<h2>Recent syncs per list</h2>")
+    if not snap["lists"]:
+        parts.append("<p>No applied syncs yet.</p>")
+    for group in snap["lists"]:
+        parts.append(f"<h3>{e(group['account'])} / {e(group['list_name'])}</h3>")
+        parts.append("<table><tr><th>sync</th><th>kind</th><th>progress</th><th>adds</th><th>removes</th>"
+                     "<th>failures</th><th>last applied</th></tr>")
+        for s in group["syncs"]:
+            progress = ", ".join(f"{e(sink)} {n}/{s['chunks']}" for sink, n in s["applied"].items()) or "-"
+            done = all(n >= s["chunks"] for n in s["applied"].values()) and bool(s["applied"])
+            state = "ok" if done and s["complete"] and not s["dead_lettered"] else (
+                "bad" if s["dead_lettered"] else "warn")
+            label = s["sync_task_id"] or s["delta_id"][:12]
+            if s["replay_id"]:
+                label += f" (replay {s['replay_id']})"
+            if not s["complete"]:
+                label += " (partial)"
+            parts.append(
+                f"<tr class='{state}'><td>{e(str(label))}</td><td>{e(s['kind'])}</td><td>{progress}</td>"
+                f"<td>{s['adds']}</td><td>{s['removes']}</td><td>{s['dead_lettered']}</td>"
+                f"<td>{e(s['last_at'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("<h2>Failures</h2>")
+    if not snap["failures"]:
+        parts.append("<p class='ok'>No dead letters.</p>")
+    else:
+        parts.append("<table><tr><th>reason</th><th>count</th></tr>")
+        for reason, n in snap["failure_counts"].items():
+            parts.append(f"<tr class='bad'><td>{e(reason)}</td><td>{n}</td></tr>")
+        parts.append("</table><table><tr><th>at</th><th>topic</th><th>account</th><th>list</th><th>reason</th></tr>")
+        for f in snap["failures"]:
+            parts.append(f"<tr><td>{e(f['at'])}</td><td>{e(f['source'])}</td><td>{e(str(f['account'] or ''))}</td>"
+                         f"<td>{e(str(f['list_name'] or ''))}</td><td>{e(f['reason'])}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+class Tailer:
+    """Background reader of the progress and dead-letter topics into a :class:`StatusBoard`."""
+
+    def __init__(self, settings: Settings, board: StatusBoard) -> None:
+        self.settings = settings
+        self.board = board
+        self.task: asyncio.Task[None] | None = None
+        t = settings.topics
+        self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
+                        t.sink_dlq: "sink"}
+
+    def ensure_started(self) -> bool:
+        if self.task is None:
+            self.task = asyncio.create_task(self._run())
+            return False
+        return True
+
+    async def _run(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        loop = asyncio.get_running_loop()
+        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
+                             "group.id": "heapsync-status-page", "enable.auto.commit": False,
+                             "enable.auto.offset.store": False, "auto.offset.reset": "earliest"})
+        assigned: set[str] = set()
+        try:
+            while True:
+                if len(assigned) < len(self.sources):
+                    md = await loop.run_in_executor(None, lambda: consumer.list_topics(timeout=5))
+                    new = [TopicPartition(name, p, OFFSET_BEGINNING)
+                           for name in self.sources if name not in assigned and name in md.topics
+                           for p in md.topics[name].partitions]
+                    if new:
+                        consumer.incremental_assign(new)
+                        assigned |= {tp.topic for tp in new}
+                msgs = await loop.run_in_executor(None, lambda: consumer.consume(500, 0.5))
+                for msg in msgs:
+                    if msg.error() is not None or msg.value() is None:
+                        continue
+                    self._feed(msg.topic(), msg.value(), msg.timestamp()[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the page must never take the ingress down
+            log.exception("status page reader stopped")
+        finally:
+            await loop.run_in_executor(None, consumer.close)
+
+    def _feed(self, topic: str, value: bytes, timestamp_ms: int) -> None:
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(doc, dict):
+            return
+        source = self.sources[topic]
+        if source == "progress":
+            self.board.on_applied(doc)
+        else:
+            self.board.on_dead_letter(source, doc, timestamp_ms)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+def add_status_routes(app: web.Application, settings: Settings) -> None:
+    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app."""
+    if not settings.status_page_enabled:
+        return
+    board = StatusBoard(recent=settings.status_page_recent)
+    tailer = Tailer(settings, board)
+    app[BOARD_KEY] = board
+
+    async def page(request: web.Request) -> web.Response:
+        started = tailer.ensure_started()
+        return web.Response(text=render_html(board.snapshot(), started=started), content_type="text/html")
+
+    async def as_json(request: web.Request) -> web.Response:
+        started = tailer.ensure_started()
+        return web.json_response({**board.snapshot(), "reading": started},
+                                 dumps=lambda o: orjson.dumps(o).decode())
+
+    async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+        yield
+        await tailer.stop()
+
+    app.router.add_get("/status", page)
+    app.router.add_get("/status.json", as_json)
+    app.cleanup_ctx.append(lifecycle)

@@ -1,0 +1,79 @@
+"""`heapsync dev` as a user runs it: start, send the sample, see the list, Ctrl-C, nothing left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from heapsync.broker import free_port
+from tests.conftest import http
+
+pytestmark = pytest.mark.integration
+
+
+def processes_in(directory: Path) -> list[int]:
+    """Pids whose working directory is ``directory``: what `heapsync dev` started there."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if Path(os.readlink(entry / "cwd")) == directory:
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
+    port, sim_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")}
+    out = tmp_path / "dev.out"
+    dev = subprocess.Popen([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(port), "--sim-port", str(sim_port)],
+                           cwd=tmp_path, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        while "Ctrl-C stops everything" not in out.read_text() and time.monotonic() < deadline:
+            assert dev.poll() is None, out.read_text()
+            time.sleep(0.5)
+        text = out.read_text()
+        assert "demo account id:    demo" in text and "demo webhook secret:" in text
+        assert f"http://127.0.0.1:{sim_port}/_sim/lists" in text
+
+        sample = subprocess.run(
+            [sys.executable, "-m", "heapsync.cli", "send-sample", "--url",
+             f"http://127.0.0.1:{port}/heap/listMembership/demo"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert sample.returncode == 0, sample.stdout + sample.stderr
+        assert sample.stdout.count(": 200 ") == 2, sample.stdout
+
+        expected = ["user1@example.com", "user3@example.com", "user4@example.com"]
+        members: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            members = http("GET", f"http://127.0.0.1:{sim_port}/_sim/lists").body.get("demo", {}).get("HeapTestSegment", [])
+            if members == expected:
+                break
+            time.sleep(0.5)
+        assert members == expected, (out.read_text(), (tmp_path / ".heapsync/dev/process.log").read_text()[-3000:])
+        deadline = time.monotonic() + 10
+        while "HeapTestSegment has 3 member(s)" not in out.read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "HeapTestSegment has 3 member(s)" in out.read_text()
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+    assert dev.returncode == 0, out.read_text()
+    deadline = time.monotonic() + 10
+    while processes_in(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_in(tmp_path) == []
