@@ -156,9 +156,11 @@ def drain_ref(request_id: str) -> str:
 def sync_key(account: str, kind: str, ref: str, replay_id: str | None) -> str:
     """Key of one assembly in the state tables; a replay is assembled apart from the original.
 
-    JSON, so no sync id (any string, per Heap) can make two keys collide.
+    ``account|kind|replay_id|ref``: the account and kind hold no ``|``, replay ids are
+    generated (no ``|``), and the sync id, any string per Heap, comes last, so no two
+    syncs share a key, and the key ends with the sync id (``heapsync status`` shows it).
     """
-    return orjson.dumps([account, kind, ref, replay_id]).decode()
+    return f"{account}|{kind}|{replay_id or ''}|{ref}"
 
 
 def page_key(sync_key: str, page_number: int) -> str:
