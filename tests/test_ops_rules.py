@@ -53,7 +53,7 @@ def test_replay_skips_ticks_earlier_replays_and_other_accounts_and_counts_why() 
     # with --include-replays, an earlier replay is chosen; this replay's own copies never are
     report = replay.Report("pages", "rOLD", dry_run=True)
     assert list(replay.plan("pages", [records[4]], replay.Filter(include_replays=True), report)) == []
-    assert report.skipped == {"this replay": 1}
+    assert report.skipped == {} and report.read == 0  # its own copies are not part of the range
 
 
 def test_replayed_page_keeps_every_field_and_validates() -> None:
