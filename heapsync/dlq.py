@@ -338,9 +338,9 @@ def redrive(settings: Any, entries: list[Entry], marks: dict[str, dict[str, Any]
         report.produced[out.target] += 1
     if dry_run or not todo:
         return report
-    from heapsync.kafka import AsyncProducer
+    from heapsync.producer import ResilientProducer
 
-    producer = AsyncProducer(settings.kafka_bootstrap, delivery_timeout_s=30.0)
+    producer = ResilientProducer.connect(settings.kafka_bootstrap, delivery_timeout_s=30.0)
     targets = {"pages": settings.topics.pages, "deltas": settings.topics.deltas}
 
     async def produce() -> None:

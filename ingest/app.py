@@ -32,10 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord
-from heapsync.kafka import ProduceError, QueueFull
+from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
-from ingest.producer import ProducerSlot
 from ingest.status_page import add_status_routes
 
 log = logging.getLogger("heapsync.ingest")
@@ -276,7 +275,7 @@ class Unavailable(Exception):
 class Ingress:
     """Handlers bound to one producer slot and one set of accounts."""
 
-    def __init__(self, settings: Settings, accounts: dict[str, Account], producers: ProducerSlot) -> None:
+    def __init__(self, settings: Settings, accounts: dict[str, Account], producers: ResilientProducer) -> None:
         self.settings = settings
         self.accounts = accounts
         self.producers = producers
@@ -388,13 +387,11 @@ class Ingress:
         """Return once Kafka acked the record; raise ``Unavailable`` within the produce timeout otherwise."""
         started = time.perf_counter()
         try:
-            producer = self.producers.get()
-            await producer.send(topic, value, key=key, timeout=self.settings.produce_timeout_seconds)
+            await self.producers.send(topic, value, key=key, timeout=self.settings.produce_timeout_seconds)
         except QueueFull as exc:
             metrics.PRODUCE_LATENCY.labels(kind, "queue_full").observe(time.perf_counter() - started)
             raise Unavailable("queue_full", exc.reason) from exc
         except ProduceError as exc:
-            self.producers.note_failure(exc)
             metrics.PRODUCE_LATENCY.labels(kind, "failed").observe(time.perf_counter() - started)
             raise Unavailable("broker_error", exc.reason) from exc
         except asyncio.TimeoutError as exc:
@@ -413,7 +410,7 @@ class Ingress:
         wanted = [self.topics.pages, self.topics.rejected]
         try:
             present = await asyncio.get_running_loop().run_in_executor(
-                None, self.producers.current.list_topics, 2.0)
+                None, self.producers.list_topics, 2.0)
         except Exception as exc:  # noqa: BLE001 - any failure means not ready
             return json_error(503, "Broker unreachable", reason=str(exc)[:200])
         missing = [t for t in wanted if t not in present]
@@ -510,7 +507,7 @@ def _latency_histogram(route: str) -> Any:
 INGRESS_KEY = web.AppKey("ingress", Ingress)
 
 
-def create_app(settings: Settings, accounts: dict[str, Account], producers: ProducerSlot) -> web.Application:
+def create_app(settings: Settings, accounts: dict[str, Account], producers: ResilientProducer) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
     ingress = Ingress(settings, accounts, producers)
     app[INGRESS_KEY] = ingress

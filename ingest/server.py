@@ -18,8 +18,9 @@ from aiohttp import web
 
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Account, Settings
+from heapsync.producer import ResilientProducer
+from ingest import metrics
 from ingest.app import INGRESS_KEY, create_app
-from ingest.producer import ProducerSlot, default_factory
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -27,8 +28,16 @@ LINGERING_SECONDS = 2.0
 """After a 413 the unread rest of a body is drained this long at most (aiohttp's default is 10 s)."""
 
 
+def producer(settings: Settings) -> ResilientProducer:
+    """Bounded local queue (full -> 503) and a short linger: a request waits for its record's ack."""
+    return ResilientProducer.connect(
+        settings.kafka_bootstrap, delivery_timeout_s=settings.produce_timeout_seconds,
+        extra={"queue.buffering.max.kbytes": settings.ingest_queue_max_kbytes, "linger.ms": settings.ingest_linger_ms},
+        on_replace=metrics.PRODUCER_RESTARTS.inc)
+
+
 def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
-    producers = ProducerSlot(default_factory(settings))
+    producers = producer(settings)
     app = create_app(settings, accounts, producers)
 
     async def start_draining(app: web.Application) -> None:

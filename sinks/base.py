@@ -34,9 +34,10 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
 from heapsync.contracts import AppliedChunk, Delta
-from heapsync.kafka import AsyncProducer, ProduceError
+from heapsync.producer import ProduceError, ResilientProducer
 from heapsync.settings import Settings
 from sinks import metrics
 from sinks.offsets import Entry, PartitionProgress
@@ -75,7 +76,7 @@ class DeltaSink(Protocol):
 class DeadLetters:
     """Publishes what a sink could not apply to the sink dead-letter topic, with its reason."""
 
-    def __init__(self, producer: AsyncProducer, topic: str, sink_name: str) -> None:
+    def __init__(self, producer: ResilientProducer, topic: str, sink_name: str) -> None:
         self.producer = producer
         self.topic = topic
         self.sink_name = sink_name
@@ -86,21 +87,26 @@ class DeadLetters:
                              orjson.dumps({"sink": self.sink_name, "reason": reason, **detail}), key.encode())
 
 
-async def _send_retrying(producer: AsyncProducer, topic: str, value: bytes, key: bytes,
+def _log_retry(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning("produce failed; retrying", extra={"error": getattr(exc, "reason", str(exc)),
+                                                   "attempt": state.attempt_number})
+
+
+async def _send_retrying(producer: ResilientProducer, topic: str, value: bytes, key: bytes,
                          give_up_after: float = 120.0) -> None:
-    """A record we must not lose: retry a broker hiccup for a while, then raise (chunk redone later)."""
-    deadline = time.monotonic() + give_up_after
-    delay = 0.2
-    while True:
-        try:
+    """A record we must not lose: retry a broker hiccup for a while, then raise (chunk redone later).
+
+    A fatal producer error is retriable here: ``ResilientProducer`` sends the next attempt
+    through a fresh producer.
+    """
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception(lambda e: isinstance(e, ProduceError) and e.retriable),
+        stop=stop_after_delay(give_up_after), wait=wait_exponential(multiplier=0.2, max=5.0),
+        before_sleep=_log_retry, reraise=True,
+    ):
+        with attempt:
             await producer.send(topic, value, key=key)
-            return
-        except ProduceError as exc:
-            if not exc.retriable or time.monotonic() > deadline:
-                raise
-            log.warning("produce failed; retrying", extra={"topic": topic, "error": exc.reason})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 @dataclass
@@ -425,7 +431,7 @@ def _serve_metrics_once(port: int | None) -> None:
 def make_runner(sink_factory: Callable[[DeadLetters], DeltaSink], settings: Settings, *,
                 group: str | None = None) -> SinkRunner:
     """Wire a sink to its dead-letter publisher and the Kafka loop."""
-    dead_letters = DeadLetters(AsyncProducer(settings.kafka_bootstrap), settings.topics.sink_dlq, "sink")
+    dead_letters = DeadLetters(ResilientProducer.connect(settings.kafka_bootstrap), settings.topics.sink_dlq, "sink")
     sink = sink_factory(dead_letters)
     dead_letters.sink_name = sink.name
     return SinkRunner(sink, settings, dead_letters, group=group)

@@ -1,0 +1,77 @@
+"""The shared producer: acks from a real broker, bounded waits, and replacement after a fatal error."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from heapsync.broker import EmbeddedBroker, free_port
+from heapsync.producer import LoopProducer, ProduceError, ResilientProducer
+from heapsync.topic_reader import read_topic
+
+
+async def test_send_resolves_once_the_broker_holds_the_record(broker: EmbeddedBroker) -> None:
+    topic = f"producer-{uuid.uuid4().hex[:8]}"
+    producer = ResilientProducer.connect(broker.bootstrap)
+    try:
+        msgs = await asyncio.gather(*(producer.send(topic, f"v{i}".encode(), key=b"k", timeout=30)
+                                      for i in range(50)))
+    finally:
+        assert producer.close(5) == 0
+    assert [m.offset() for m in msgs] == list(range(50))  # one key, one partition, in order
+
+    seen = [r.value for r in read_topic(broker.bootstrap, topic, from_offset=0)]
+    assert seen == [f"v{i}".encode() for i in range(50)]
+
+
+async def test_send_gives_up_within_its_timeout_when_no_broker_answers() -> None:
+    producer = LoopProducer(f"127.0.0.1:{free_port()}", delivery_timeout_s=30.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(asyncio.TimeoutError):
+        await producer.send("nowhere", b"x", timeout=0.3)
+    assert loop.time() - started < 2.0
+    producer.close(0)
+
+
+class _DeadThenAlive:
+    """Stands in for librdkafka's producer only: a fatal idempotence error cannot be caused on demand."""
+
+    made: list[_DeadThenAlive] = []
+
+    def __init__(self, fatal: bool) -> None:
+        self.fatal = fatal
+        self.closed = False
+        self.sent: list[bytes] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: object = None, *,
+                   timeout: float | None = None) -> str:
+        if self.fatal:
+            raise ProduceError("Local: Fatal error: UNKNOWN_PRODUCER_ID", retriable=False, fatal=True)
+        self.sent.append(value)
+        return "ok"
+
+    def close(self, timeout: float = 10.0) -> int:
+        self.closed = True
+        return 0
+
+
+async def test_a_fatal_error_is_retriable_and_the_next_send_uses_a_fresh_producer() -> None:
+    made: list[_DeadThenAlive] = []
+    replaced: list[int] = []
+
+    def factory(on_error: object) -> _DeadThenAlive:
+        made.append(_DeadThenAlive(fatal=not made))  # the first one is dead
+        return made[-1]
+
+    producer = ResilientProducer(factory, on_replace=lambda: replaced.append(1))  # type: ignore[arg-type]
+    with pytest.raises(ProduceError) as caught:
+        await producer.send("t", b"first")
+    assert caught.value.retriable and caught.value.fatal
+    assert await producer.send("t", b"again") == "ok"
+    await asyncio.sleep(0.05)  # the dead producer is closed off the loop
+    assert len(made) == 2 and made[0].closed and made[1].sent == [b"again"]
+    assert replaced == [1]
+    assert await producer.send("t", b"more") == "ok" and len(made) == 2  # replaced once, not per send
