@@ -18,8 +18,11 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     t = settings.topics
     base = {"retention.ms": retention_ms, "max.message.bytes": str(16 * 1024 * 1024)}
     configs = {name: dict(base) for name in t.all()}
-    configs[t.sink_progress] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
-    configs[t.dlq_redrive] = {"cleanup.policy": "compact", "max.message.bytes": base["max.message.bytes"]}
+    # Keyed per chunk / per dead letter, so compaction alone would keep every key ever written (and the
+    # sink reads the whole progress topic at start). What they protect expires with the topics they
+    # refer to (deltas, dead letters), so they expire with the same retention.
+    for name in (t.sink_progress, t.dlq_redrive):
+        configs[name] = {**base, "cleanup.policy": "compact,delete"}
     return configs
 
 

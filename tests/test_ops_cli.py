@@ -31,12 +31,14 @@ def test_topics_are_created_with_explicit_settings_and_drift_is_flagged(pipeline
     assert set(rows) == {"pages", "pages.rejected", "deltas", "deltas.dlq", "sink.dlq", "sink.progress", "dlq.redrive"}
     assert all(r["state"] == "created" and r["partitions"] == 3 for r in rows.values())
     assert rows["pages"]["retention"] == "14d" and rows["pages"]["cleanup_policy"] == "delete"
-    assert rows["sink.progress"]["cleanup_policy"] == "compact" and rows["dlq.redrive"]["cleanup_policy"] == "compact"
+    assert rows["sink.progress"]["cleanup_policy"] == rows["dlq.redrive"]["cleanup_policy"] == "compact,delete"
+    assert rows["sink.progress"]["retention"] == rows["dlq.redrive"]["retention"] == "14d"
 
     res = run(pipeline, "topics", "--json", "--no-create", HEAPSYNC_TOPIC_RETENTION_DAYS="7")
     rows = {r["topic"].removeprefix(pipeline.prefix + "."): r for r in json.loads(res.stdout)}
     assert rows["pages"]["state"].startswith("differs: retention.ms=1209600000 (wanted 604800000)")
-    assert rows["sink.progress"]["state"] == "ok"
+    assert rows["sink.progress"]["state"].startswith("differs: retention.ms=1209600000 (wanted 604800000)")
+    assert rows["deltas"]["state"].startswith("differs")
     table = run(pipeline, "topics").stdout
     assert f"{pipeline.prefix}.pages" in table and "14d" in table
 
