@@ -167,7 +167,8 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def fmt(r: dict[str, Any]) -> str:
-    cpu = f", server CPU {r['server_cpu_s'] / r['seconds']:.0%}, load generator CPU {r['load_cpu_s'] / r['seconds']:.0%}"
+    cpu = (f", server CPU {r['server_cpu_s'] / r['seconds']:.0%} ({r['server_cpu_s'] / r['requests'] * 1e6:.0f} µs/page), "
+           f"load generator CPU {r['load_cpu_s'] / r['seconds']:.0%}")
     if "broker_cpu_s" in r:
         cpu += f", broker CPU {r['broker_cpu_s'] / r['seconds']:.0%}"
     return (f"{r['pages_per_s']:8.0f} pages/s {r['ids_per_s']:10.0f} ids/s  p50 {r['p50_ms']:6.1f} ms  "
