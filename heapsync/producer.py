@@ -157,7 +157,10 @@ class LoopProducer:
         The record may still be delivered after a timeout (at-least-once: the caller treats it as
         failed and sends again, and the pipeline's idempotent steps absorb the repeat).
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None or self._loop_thread != threading.get_ident() or not loop.is_running():
+            # asyncio.get_running_loop() costs a getpid() system call: once per loop, not per record
+            loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
         def on_delivery(err: KafkaError | None, msg: Message) -> None:
