@@ -174,7 +174,7 @@ def run_ceiling(bootstrap: str, prefix: str, pages: list[bytes]) -> tuple[float,
 
 
 def main() -> None:
-    from heapsync.broker import EmbeddedBroker, die_with_parent
+    from heapsync.broker import EmbeddedBroker, die_with_parent, stop_process
     from heapsync.contracts import PageRecord, delta_id_for
     from heapsync.kafka import ensure_topics
     from heapsync.samples import heap_request
@@ -227,12 +227,7 @@ def main() -> None:
             rss = peak_rss_mb(worker.pid)
         finally:
             watcher.stop.set()
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, 30)
             watcher.join(5)
             worker_log.close()
             if os.environ.get("BENCH_ASSEMBLER_KEEP_LOG"):

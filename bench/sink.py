@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, wait_for_port
+from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
@@ -84,14 +83,8 @@ class Bench:
         return proc
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        for proc in reversed(self.procs):  # one by one: the sink goes before what it talks to
+            stop_process(proc, 30)
         self.producer.flush(10)
 
     def state(self) -> dict[str, Any]:
@@ -139,6 +132,13 @@ class Bench:
             time.sleep(poll)
         return first, done
 
+    def timed_phase(self, account: str, label: str, n: int, timeout: float) -> float:
+        """Produce ``n`` operations (4 lists) for a fresh ``account``: seconds from first to last member seen."""
+        self.produce(self.deltas(account, label, n, 4))
+        first, done = self.wait_members(account, n, timeout)
+        assert first and done, f"{label} phase did not finish"
+        return done - first
+
     def dead_letters(self) -> int:
         topic = self.settings.topics.sink_dlq
         c = Consumer({"bootstrap.servers": self.broker.bootstrap, "group.id": f"r-{uuid.uuid4().hex}",
@@ -175,23 +175,19 @@ def main() -> None:
 
             if "calibration" not in skip:
                 n = 20_000
-                b.produce(b.deltas("calib", "calib", n, 4))
-                first, done = b.wait_members("calib", n, 300)
-                assert first and done, "calibration did not finish"
-                machine = n / (done - first)
+                seconds = b.timed_phase("calib", "calib", n, 300)
+                machine = n / seconds
                 results["calibration"] = machine
-                print(f"  calibration (no limit): {n} ops in {done - first:.1f} s = {machine:,.0f} ops/s "
+                print(f"  calibration (no limit): {n} ops in {seconds:.1f} s = {machine:,.0f} ops/s "
                       f"({machine / limit:.2f}x N: {'the limit binds' if machine > 1.1 * limit else 'CPU binds!'})")
 
             _post(f"{b.sim_url}/_sim/config", {"rate_limit_per_second": limit})
             if "rest" not in skip:
                 n = 100_000
-                b.produce(b.deltas("bench", "rest", n, 4))
-                first, done = b.wait_members("bench", n, 600)
-                assert first and done, "rest phase did not finish"
-                rate = n / (done - first)
+                seconds = b.timed_phase("bench", "rest", n, 600)
+                rate = n / seconds
                 st = b.state()
-                print(f"  rest: {n} ops in {done - first:.1f} s = {rate:,.0f} ops/s = {rate / limit:.1%} of N; "
+                print(f"  rest: {n} ops in {seconds:.1f} s = {rate:,.0f} ops/s = {rate / limit:.1%} of N; "
                       f"429s seen: {st['rate_limited']}")
                 results["rest"] = rate
 

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, wait_for_port
+from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_processes, wait_for_port
 from heapsync.settings import Settings
 
 DEV_DIR = Path(".heapsync/dev")
@@ -57,16 +57,7 @@ class Children:
         return [name for name, p in self.procs if p.poll() is not None]
 
     def stop(self, timeout: float = 15.0) -> None:
-        for _, p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for _, p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes([p for _, p in reversed(self.procs)], timeout)
 
 
 def _sim_lists(sim_url: str) -> dict[str, dict[str, list[str]]]:

@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ import urllib.error
 from hypothesis import HealthCheck, settings as hypothesis_settings
 import urllib.request
 
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, wait_for_port
+from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
 from ingest.signature import heap_hash_header
+from sinks.cordial_simulator import CordialSimulator, SimConfig
 
 # Speed is measured in benchmarks, not tests: on a loaded 2-core machine a slow example is not a failure.
 hypothesis_settings.register_profile("heapsync", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -46,14 +48,7 @@ class Proc:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        return stop_process(self.popen, timeout, sig)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -197,3 +192,21 @@ def pipeline(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Pipeline]:
         yield p
     finally:
         p.stop_all()
+
+
+SIM_KEYS = {"a": "key-a", "b": "key-b"}
+"""Cordial API keys of the two accounts the in-process simulator knows."""
+
+
+@asynccontextmanager
+async def simulator_server(import_step_seconds: float) -> AsyncIterator[tuple[CordialSimulator, str]]:
+    """The Cordial simulator served on a free loopback port in this event loop; yields it and its root URL."""
+    from aiohttp.test_utils import TestServer
+
+    sim = CordialSimulator(SIM_KEYS, SimConfig(import_step_seconds=import_step_seconds))
+    server = TestServer(sim.app(), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield sim, f"http://127.0.0.1:{server.port}"
+    finally:
+        await server.close()

@@ -10,20 +10,14 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sinks.cordial_simulator import CordialSimulator, SimConfig
-
-KEYS = {"a": "key-a", "b": "key-b"}
+from sinks.cordial_simulator import CordialSimulator
+from tests.conftest import simulator_server
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[tuple[CordialSimulator, str]]:
-    s = CordialSimulator(KEYS, SimConfig(import_step_seconds=0.01))
-    server = TestServer(s.app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield s, f"http://127.0.0.1:{server.port}"
-    finally:
-        await server.close()
+    async with simulator_server(import_step_seconds=0.01) as (s, root):
+        yield s, root
 
 
 async def call(url: str, method: str, path: str, json: object = None, key: str | None = "key-a",

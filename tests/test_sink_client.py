@@ -7,28 +7,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from heapsync.contracts import Delta
 from heapsync.settings import Account, Settings
 from sinks.cordial_bulk import BulkImporter
 from sinks.cordial_client import CordialClient, CordialError
-from sinks.cordial_simulator import CordialSimulator, SimConfig
+from sinks.cordial_simulator import CordialSimulator
 from sinks.filehost import SignedFileHost
 from sinks.operations import Operation, plan
-
-KEYS = {"a": "key-a", "b": "key-b"}
+from tests.conftest import SIM_KEYS as KEYS, simulator_server
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[tuple[CordialSimulator, str]]:
-    s = CordialSimulator(KEYS, SimConfig(import_step_seconds=0.02))
-    server = TestServer(s.app(), host="127.0.0.1")
-    await server.start_server()
-    try:
-        yield s, f"http://127.0.0.1:{server.port}/v2"
-    finally:
-        await server.close()
+    async with simulator_server(import_step_seconds=0.02) as (s, root):
+        yield s, f"{root}/v2"
 
 
 def client(url: str, label: str = "a", **kw: Any) -> CordialClient:
