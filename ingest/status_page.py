@@ -26,14 +26,11 @@ import orjson
 from aiohttp import web
 
 from heapsync.settings import Settings
+from processors import rules
 
 log = logging.getLogger("heapsync.status_page")
 
 BOARD_KEY = web.AppKey("status_board", object)
-
-
-def _list_name(segment_name: str) -> str:
-    return "".join(segment_name.split())
 
 
 @dataclass
@@ -113,7 +110,7 @@ class StatusBoard:
             account = account or doc["delta"].get("account")
             list_name = list_name or doc["delta"].get("list_name")
         if list_name is None and isinstance(doc.get("segment_name"), str):
-            list_name = _list_name(doc["segment_name"])
+            list_name = rules.list_name(doc["segment_name"])
         if account is None and isinstance(doc.get("sync"), str) and "|" in doc["sync"]:
             account = doc["sync"].split("|", 1)[0]
         reason = str(doc.get("reason") or "unknown")
