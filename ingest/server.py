@@ -17,8 +17,8 @@ import os
 from aiohttp import web
 
 from heapsync.kafka import ensure_topics
-from heapsync.settings import Account, Settings
 from heapsync.producer import ResilientProducer
+from heapsync.settings import Account, Settings
 from ingest import metrics
 from ingest.app import INGRESS_KEY, create_app
 

@@ -87,9 +87,9 @@ class DeadLetters:
                              orjson.dumps({"sink": self.sink_name, "reason": reason, **detail}), key.encode())
 
 
-def _log_retry(state: RetryCallState) -> None:
+def _log_retry(topic: str, state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
-    log.warning("produce failed; retrying", extra={"error": getattr(exc, "reason", str(exc)),
+    log.warning("produce failed; retrying", extra={"topic": topic, "error": getattr(exc, "reason", str(exc)),
                                                    "attempt": state.attempt_number})
 
 
@@ -103,7 +103,7 @@ async def _send_retrying(producer: ResilientProducer, topic: str, value: bytes, 
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(lambda e: isinstance(e, ProduceError) and e.retriable),
         stop=stop_after_delay(give_up_after), wait=wait_exponential(multiplier=0.2, max=5.0),
-        before_sleep=_log_retry, reraise=True,
+        before_sleep=lambda state: _log_retry(topic, state), reraise=True,
     ):
         with attempt:
             await producer.send(topic, value, key=key)
