@@ -1,4 +1,4 @@
-"""Page assembly: a state machine over four key-value maps.
+"""Page assembly: a state machine over a few key-value maps.
 
 The maps are plain ``MutableMapping``s: dicts in tests, Faust tables (backed by
 changelog topics) in the worker. Nothing here touches Kafka or Faust, so every
@@ -10,6 +10,9 @@ rule is tested directly.
 - ``segments``: segment key -> {"p": partition, "q": open syncs in start order}
 - ``done``:     sync key -> what became of an emitted sync (page digests, to
                 recognise repeats and late pages after the sync is gone)
+- ``done_days`` (optional): partition and UTC day -> sync keys marked done then, so
+                that markers older than the pages' retention are removed by lookups
+                on timer ticks instead of a scan of ``done``
 
 Work per page is proportional to the page. A sync is emitted once its pages are
 all in (or it timed out) *and* every earlier sync of the same segment has been
@@ -52,6 +55,7 @@ class Counters:
     delta_chunks: int = 0
     partial_deltas: int = 0
     dead_lettered: int = 0
+    done_pruned: int = 0
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Emission:
     dead_letter: DeadLetter | None
     done_value: dict[str, Any]
     stored_pages: list[int]
+    partition: int = 0
 
 
 @dataclass
@@ -115,10 +120,19 @@ class Assembler:
         timeout_seconds: float = 3600.0,
         partial_policy: PartialPolicy = "emit",
         cache_max_ids: int = 2_000_000,
+        done_days: MutableMapping[str, Any] | None = None,
+        done_retention_seconds: float | None = None,
+        prune_every_seconds: float = 3600.0,
+        prune_lookback_days: int = 366,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self.pages, self.syncs, self.segments, self.done = pages, syncs, segments, done
+        self.done_days = done_days
+        self.done_retention_seconds = done_retention_seconds
+        self.prune_every_seconds = prune_every_seconds
+        self.prune_lookback_days = prune_lookback_days
+        self._pruned_at: dict[int, float] = {}
         self.chunk_size = chunk_size
         self.timeout_seconds = timeout_seconds
         self.partial_policy = partial_policy
@@ -264,8 +278,15 @@ class Assembler:
         self._enqueue(seg, skey, partition)
         return Step(segments=[seg])
 
-    def on_tick(self, *, partition: int) -> Step:
-        """Segments of ``partition`` with open syncs: the shell re-checks them for timeouts."""
+    def on_tick(self, *, partition: int, now: float | None = None) -> Step:
+        """Segments of ``partition`` with open syncs: the shell re-checks them for timeouts.
+
+        With ``now``, done markers past their retention are also removed (at most once per
+        ``prune_every_seconds`` per partition). The tick is an event of ``partition``, so the
+        removals go to that partition's changelog, where the markers were written.
+        """
+        if now is not None:
+            self._prune_done(partition, now)
         segs = [k for k, v in list(self.segments.items()) if v is not None and v["p"] == partition]
         open_syncs = sum(len(self.segments[k]["q"]) for k in segs)
         return Step(segments=segs, open_syncs=open_syncs)
@@ -307,12 +328,34 @@ class Assembler:
     def mark_emitted(self, em: Emission) -> None:
         """The deltas (or dead letter) are out: remember the sync as done before dropping its pages."""
         self.done[em.sync_key] = em.done_value
+        if self.done_days is not None:
+            # a crash may keep the marker and lose this entry: that marker is then never pruned (a leak, not an error)
+            day = rules.done_day_key(em.partition, em.done_value["at"])
+            keys = list(self.done_days.get(day) or [])
+            if em.sync_key not in keys:
+                self.done_days[day] = [*keys, em.sync_key]
         if em.dead_letter is not None:
             self.counters.dead_lettered += 1
         else:
             self.counters.deltas += 1
             self.counters.delta_chunks += len(em.deltas)
             self.counters.partial_deltas += 0 if em.complete else 1
+
+    def _prune_done(self, partition: int, now: float) -> None:
+        if self.done_days is None or self.done_retention_seconds is None:
+            return
+        if now - self._pruned_at.get(partition, float("-inf")) < self.prune_every_seconds:
+            return
+        self._pruned_at[partition] = now
+        for day in rules.expired_done_days(partition, now, self.done_retention_seconds, self.prune_lookback_days):
+            keys = self.done_days.get(day)
+            if keys is None:
+                continue
+            for skey in keys:
+                if skey in self.done:
+                    del self.done[skey]
+            del self.done_days[day]
+            self.counters.done_pruned += len(keys)
 
     def forget(self, em: Emission) -> None:
         self._drop_running(em.sync_key)
@@ -436,13 +479,13 @@ class Assembler:
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
             })
-            return Emission(skey, seg, False, [], letter, done_value, sorted(stored))
+            return Emission(skey, seg, False, [], letter, done_value, sorted(stored), meta.get("partition", 0))
         done_value["outcome"] = "delta"
         if not complete:
             log.warning("sync timed out with pages missing; partial delta emitted",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
         deltas = self._deltas(skey, meta, stored, complete, missing)
-        return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored))
+        return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored), meta.get("partition", 0))
 
     def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool,
                 missing: list[int]) -> list[Delta]:

@@ -23,6 +23,7 @@ COUNTERS: dict[str, Counter] = {
     "delta_chunks": Counter(_PREFIX + "delta_chunks", "Delta chunk messages emitted."),
     "partial_deltas": Counter(_PREFIX + "partial_deltas", "Deltas emitted with pages missing after the timeout."),
     "dead_lettered": Counter(_PREFIX + "dead_lettered", "Syncs sent to the dead-letter topic after the timeout."),
+    "done_pruned": Counter(_PREFIX + "done_pruned", "Done markers removed after the pages topic's retention."),
 }
 OPEN_SYNCS = Gauge(_PREFIX + "open_syncs", "Syncs waiting for pages or for an earlier sync, per partition.",
                    ["partition"])

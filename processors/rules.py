@@ -169,3 +169,22 @@ def page_key(sync_key: str, page_number: int) -> str:
 
 def segment_key(account: str, segment_id: str) -> str:
     return orjson.dumps([account, segment_id]).decode()
+
+
+DAY_SECONDS = 86_400
+
+
+def done_day_key(partition: int, at: float) -> str:
+    """Index key of the done markers written in ``partition`` on the UTC day of ``at``."""
+    return f"{partition}|{int(at // DAY_SECONDS)}"
+
+
+def expired_done_days(partition: int, now: float, retention_seconds: float, lookback_days: int) -> list[str]:
+    """Index keys of whole days that ended at least ``retention_seconds`` ago, newest first.
+
+    A done marker only guards against pages of its sync being read again; once the pages
+    topic's retention has passed, none can be, so the marker may go. Only ``lookback_days``
+    days before that line are looked at (lookups, not a scan of the table).
+    """
+    newest = int((now - retention_seconds) // DAY_SECONDS) - 1  # the last day that has fully ended by then
+    return [f"{partition}|{day}" for day in range(newest, newest - lookback_days, -1) if day >= 0]

@@ -105,6 +105,9 @@ def create_app(settings: Settings) -> faust.App:
 
     assembler = Assembler(
         table("pages", bytes), table("syncs"), table("segments"), table("done"),
+        done_days=table("done_days"),
+        # a done marker guards against its sync's pages being read again: not possible after their retention
+        done_retention_seconds=settings.topic_retention_days * 86_400,
         chunk_size=settings.delta_chunk_size,
         timeout_seconds=settings.sync_timeout_seconds,
         partial_policy=settings.partial_policy,
@@ -157,7 +160,7 @@ def create_app(settings: Settings) -> faust.App:
 
     def handle(raw: bytes, partition: int, offset: int = -1) -> Step:
         if is_tick(raw):
-            step = assembler.on_tick(partition=partition)
+            step = assembler.on_tick(partition=partition, now=time.time())
             metrics.set_open_syncs(partition, step.open_syncs or 0)
             return step
         try:

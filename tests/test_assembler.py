@@ -290,3 +290,55 @@ def test_deltas_of_one_segment_come_out_in_the_order_the_syncs_started(
             both = set(a) & set(r)
             expected = (expected - (set(r) - both)) | (set(a) - both)
     assert members == expected
+
+
+DAY = 86_400.0
+
+
+def test_done_markers_go_once_the_pages_retention_has_passed() -> None:
+    days: dict[str, Any] = {}
+    asm, maps = new_assembler(done_days=days, done_retention_seconds=14 * DAY)
+    done = maps[3]
+    at = 100 * DAY + 3600  # 01:00 on day 100
+    feed(asm, page("s1", 1, 1, ["a"]), now=at)
+    feed(asm, page("s2", 1, 1, ["b"], segment="2"), now=at + 60)
+    assert set(done) == {rules.sync_key(ACCOUNT, "sync", s, None) for s in ("s1", "s2")}
+    assert days == {rules.done_day_key(0, at): list(done)}
+
+    asm.on_tick(partition=0, now=at + 14 * DAY)  # day 100 has not been over for 14 days yet
+    assert len(done) == 2
+    asm.on_tick(partition=0, now=115 * DAY + 1)  # one hour later at least, and day 100 ended 14 days ago
+    assert done == {} and days == {}
+    assert asm.counters.done_pruned == 2
+    # a page of the sync read again after that is a new sync: only possible past the topic's retention
+    assert len(feed(asm, page("s1", 1, 1, ["a"]), now=116 * DAY).deltas) == 1
+
+
+def test_pruning_touches_only_the_ticking_partition_and_at_most_hourly() -> None:
+    days: dict[str, Any] = {}
+    asm, maps = new_assembler(done_days=days, done_retention_seconds=DAY)
+    done = maps[3]
+    step = asm.on_sync_page(ACCOUNT, page("p1", 1, 1, ["a"]), partition=1, now=10 * DAY)
+    asm.drive(step, 10 * DAY)
+    feed(asm, page("p0", 1, 1, ["b"], segment="2"), now=10 * DAY)
+    asm.on_tick(partition=0, now=11 * DAY)  # day 10 ended less than a day ago: nothing yet
+    asm.on_tick(partition=0, now=12 * DAY)  # within the hour? no: a day later, prunes partition 0
+    assert set(done) == {rules.sync_key(ACCOUNT, "sync", "p1", None)}
+    asm.on_tick(partition=1, now=12 * DAY)
+    assert done == {}
+
+
+def test_without_a_day_index_markers_stay() -> None:
+    asm, maps = new_assembler()
+    feed(asm, page("s1", 1, 1, ["a"]), now=0.0)
+    asm.on_tick(partition=0, now=1000 * DAY)
+    assert len(maps[3]) == 1
+
+
+@given(at=st.floats(0, 1e9), age=st.floats(0, 1e8), retention=st.floats(0, 1e7))
+def test_a_day_expires_exactly_when_it_ended_a_retention_ago(at: float, age: float, retention: float) -> None:
+    now = at + age
+    ended = (at // DAY + 1) * DAY
+    expired = rules.done_day_key(3, at) in rules.expired_done_days(3, now, retention, lookback_days=2000)
+    if age < 1500 * DAY:  # inside the lookback
+        assert expired == (ended <= now - retention)
