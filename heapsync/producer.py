@@ -229,7 +229,7 @@ class ResilientProducer:
         self._on_replace = on_replace
         self._fatal = False
         self._last_logged: dict[int, float] = {}
-        self.current = factory(self._on_error)
+        self.current = self._new()
 
     @classmethod
     def connect(cls, bootstrap: str, *, delivery_timeout_s: float = 10.0, extra: dict[str, Any] | None = None,
@@ -238,11 +238,28 @@ class ResilientProducer:
             return LoopProducer(bootstrap, delivery_timeout_s=delivery_timeout_s, extra=extra, on_error=on_error)
         return cls(make, on_replace=on_replace)
 
-    def _on_error(self, err: KafkaError) -> None:
+    def _new(self) -> LoopProducer:
+        made: list[LoopProducer] = []
+        producer = self._factory(lambda err: self._on_error(err, made[0] if made else None))
+        made.append(producer)
+        return producer
+
+    def _mark_fatal(self, producer: LoopProducer | None, reason: str) -> None:
+        """Replace ``producer`` on the next send, unless it was replaced already.
+
+        A replaced producer still reports: its records in flight fail and its close reports
+        errors. Those must not condemn its successor (each would cost a new producer and fail
+        the records in flight on it).
+        """
+        if producer is not None and producer is not self.current:
+            return
+        if not self._fatal:
+            log.error("kafka producer fatal error; replacing the producer", extra={"kafka_error": reason})
+        self._fatal = True
+
+    def _on_error(self, err: KafkaError, producer: LoopProducer | None) -> None:
         if _is_fatal(err):
-            if not self._fatal:
-                log.error("kafka producer fatal error; replacing the producer", extra={"kafka_error": err.str()})
-            self._fatal = True
+            self._mark_fatal(producer, err.str())
         else:
             # a broker outage reports every reconnect attempt: one line per error kind per interval
             now = time.monotonic()
@@ -254,7 +271,7 @@ class ResilientProducer:
         """The live producer; a fatal one is replaced here (and closed off the loop, since flushing blocks)."""
         if self._fatal:
             old, self._fatal = self.current, False
-            self.current = self._factory(self._on_error)
+            self.current = self._new()
             if self._on_replace is not None:
                 self._on_replace()
             try:
@@ -270,14 +287,13 @@ class ResilientProducer:
         A fatal failure marks the producer for replacement and is raised as retriable: the next
         attempt goes through a fresh producer.
         """
+        producer = self.get()
         try:
-            return await self.get().send(topic, value, key, headers, timeout=timeout)
+            return await producer.send(topic, value, key, headers, timeout=timeout)
         except ProduceError as exc:
             if not exc.fatal:
                 raise
-            if not self._fatal:
-                log.error("kafka producer fatal error; replacing the producer", extra={"kafka_error": exc.reason})
-            self._fatal = True
+            self._mark_fatal(producer, exc.reason)
             raise ProduceError(exc.reason, retriable=True, fatal=True) from exc
 
     def send_nowait(self, topic: str, value: bytes, key: bytes | None = None) -> None:

@@ -45,10 +45,13 @@ class _DeadThenAlive:
         self.fatal = fatal
         self.closed = False
         self.sent: list[bytes] = []
+        self.gate: asyncio.Event | None = None  # when set up, a failing send waits for it
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: object = None, *,
                    timeout: float | None = None) -> str:
         if self.fatal:
+            if self.gate is not None and value == b"late":
+                await self.gate.wait()
             raise ProduceError("Local: Fatal error: UNKNOWN_PRODUCER_ID", retriable=False, fatal=True)
         self.sent.append(value)
         return "ok"
@@ -75,3 +78,26 @@ async def test_a_fatal_error_is_retriable_and_the_next_send_uses_a_fresh_produce
     assert len(made) == 2 and made[0].closed and made[1].sent == [b"again"]
     assert replaced == [1]
     assert await producer.send("t", b"more") == "ok" and len(made) == 2  # replaced once, not per send
+
+
+async def test_late_failures_of_a_replaced_producer_do_not_replace_its_successor() -> None:
+    made: list[_DeadThenAlive] = []
+
+    def factory(on_error: object) -> _DeadThenAlive:
+        made.append(_DeadThenAlive(fatal=not made))
+        if len(made) == 1:
+            made[0].gate = asyncio.Event()
+        return made[-1]
+
+    producer = ResilientProducer(factory)  # type: ignore[arg-type]
+    late = asyncio.create_task(producer.send("t", b"late"))  # in flight on the producer that will die
+    await asyncio.sleep(0)
+    with pytest.raises(ProduceError):
+        await producer.send("t", b"first")  # the fatal error: replaced on the next send
+    assert await producer.send("t", b"on the new one") == "ok" and len(made) == 2
+    made[0].gate.set()  # type: ignore[union-attr]
+    with pytest.raises(ProduceError):
+        await late  # the old producer's record fails after its replacement...
+    assert await producer.send("t", b"still the new one") == "ok"
+    assert len(made) == 2  # ...and does not condemn the new producer
+    assert made[1].sent == [b"on the new one", b"still the new one"]
