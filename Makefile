@@ -22,6 +22,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+## Lint and type-check the packages (ruff, mypy with the pydantic plugin; settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check heapsync ingest processors sinks tests bench
+	$(BIN)/mypy heapsync ingest processors sinks
+
 ## Run the benchmarks and print their results (see BENCHMARKS.md).
 bench: $(STAMP)
 	$(BIN)/python -m bench

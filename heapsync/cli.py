@@ -7,12 +7,17 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import click
 
 from heapsync import logs
 from heapsync.settings import AccountError, Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DEV_DIR = Path(".heapsync/dev")
 
@@ -32,12 +37,12 @@ def _echo_json(doc: object) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def _broker_errors(fn):  # type: ignore[no-untyped-def]
+def _broker_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """An operator command meets an unreachable broker with one clear line, not a traceback."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from confluent_kafka import KafkaException
 
         try:

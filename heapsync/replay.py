@@ -93,6 +93,11 @@ def parse_since(text: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object as read, or an empty one: replay reads records it did not write."""
+    return value if isinstance(value, dict) else {}
+
+
 def _segment_matches(wanted: str | None, *candidates: Any) -> bool:
     return wanted is None or any(wanted == str(c) for c in candidates if c is not None)
 
@@ -123,10 +128,10 @@ def select(kind: Kind, record: Record, flt: Filter, replay_id: str) -> Selected 
     if flt.account is not None and account != flt.account:
         return "other account"
     if kind == "pages":
-        payload = doc.get("payload") if isinstance(doc.get("payload"), dict) else {}
-        data = payload.get("data") if isinstance(payload.get("data"), dict) else {}
-        seg = data.get("segment") if isinstance(data.get("segment"), dict) else {}
-        info = data.get("sync_info") if isinstance(data.get("sync_info"), dict) else {}
+        payload = _object(doc.get("payload"))
+        data = _object(payload.get("data"))
+        seg = _object(data.get("segment"))
+        info = _object(data.get("sync_info"))
         seg_id, seg_name = seg.get("id"), seg.get("name")
         if not _segment_matches(flt.segment, seg_id, seg_name):
             return "other segment"
@@ -239,9 +244,8 @@ class _Bar:
     def start(self, total: int | None) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), console=Console(stderr=True), transient=False)

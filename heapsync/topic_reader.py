@@ -1,5 +1,6 @@
-"""Read a range of a topic without a consumer group: the shared reader behind
-``replay``, ``dlq``, ``status`` and the status page.
+"""Read topics without a consumer group: the shared reader behind ``replay``,
+``dlq``, ``status`` (``read_topic``, a range) and the status page
+(``TopicFollower``, from the beginning and on as records arrive).
 
 It assigns partitions directly (no group, nothing committed, no rebalance) and
 reads until every partition reports end-of-partition, because high watermarks
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -33,6 +35,10 @@ class Record:
     timestamp_ms: int
     key: bytes | None
     value: bytes | None
+
+
+def _record(msg: Any) -> Record:
+    return Record(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], msg.key(), msg.value())
 
 
 def _consumer(bootstrap: str) -> Consumer:
@@ -131,12 +137,45 @@ def read_topic(bootstrap: str, topic: str, *, since_ms: int | None = None, from_
                 else:
                     log.warning("read error", extra={"topic": topic, "error": err.str()})
                 continue
-            _, ts = msg.timestamp()
-            if since_ms is not None and ts < since_ms:
+            record = _record(msg)
+            if since_ms is not None and record.timestamp_ms < since_ms:
                 continue
-            yield Record(topic, msg.partition(), msg.offset(), ts, msg.key(), msg.value())
+            yield record
     finally:
         consumer.close()
+
+
+class TopicFollower:
+    """Follows topics from their beginning, without a group, picking up topics created later.
+
+    Blocking calls (run them on a worker thread from asyncio). Nothing is committed:
+    a restarted follower reads everything again, which is what a view rebuilt from
+    compacted and retention-bounded topics wants.
+    """
+
+    def __init__(self, bootstrap: str, topics: Iterable[str], *, metadata_timeout: float = 5.0) -> None:
+        self._consumer = _consumer(bootstrap)
+        self._wanted = set(topics)
+        self._assigned: set[str] = set()
+        self._metadata_timeout = metadata_timeout
+
+    def _assign_new_topics(self) -> None:
+        md = self._consumer.list_topics(timeout=self._metadata_timeout)
+        new = [TopicPartition(name, p, OFFSET_BEGINNING)
+               for name in sorted(self._wanted - self._assigned) if name in md.topics
+               for p in md.topics[name].partitions]
+        if new:
+            self._consumer.incremental_assign(new)
+            self._assigned |= {tp.topic for tp in new}
+
+    def poll(self, max_records: int = 500, timeout: float = 0.5) -> list[Record]:
+        """The next records (possibly none); end-of-partition and read errors are skipped, not raised."""
+        if self._assigned != self._wanted:
+            self._assign_new_topics()
+        return [_record(m) for m in self._consumer.consume(max_records, timeout) if m.error() is None]
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def latest_by_key(records: Iterable[Record]) -> dict[bytes, Record]:

@@ -49,7 +49,7 @@ def describe(settings: Any, *, create: bool = True, timeout: float = 15.0) -> li
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     md = admin.list_topics(timeout=timeout)
     wanted = topic_configs(settings)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, want in wanted.items():
         meta = md.topics.get(name)
         if meta is None or meta.error is not None:

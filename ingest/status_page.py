@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from heapsync.settings import Settings
+from heapsync.topic_reader import TopicFollower
 from processors import rules
 
 log = logging.getLogger("heapsync.status_page")
@@ -205,34 +206,19 @@ class Tailer:
         return True
 
     async def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
         loop = asyncio.get_running_loop()
-        consumer = Consumer({"bootstrap.servers": self.settings.kafka_bootstrap,
-                             "group.id": "heapsync-status-page", "enable.auto.commit": False,
-                             "enable.auto.offset.store": False, "auto.offset.reset": "earliest"})
-        assigned: set[str] = set()
+        follower = TopicFollower(self.settings.kafka_bootstrap, self.sources)
         try:
             while True:
-                if len(assigned) < len(self.sources):
-                    md = await loop.run_in_executor(None, lambda: consumer.list_topics(timeout=5))
-                    new = [TopicPartition(name, p, OFFSET_BEGINNING)
-                           for name in self.sources if name not in assigned and name in md.topics
-                           for p in md.topics[name].partitions]
-                    if new:
-                        consumer.incremental_assign(new)
-                        assigned |= {tp.topic for tp in new}
-                msgs = await loop.run_in_executor(None, lambda: consumer.consume(500, 0.5))
-                for msg in msgs:
-                    if msg.error() is not None or msg.value() is None:
-                        continue
-                    self._feed(msg.topic(), msg.value(), msg.timestamp()[1])
+                for record in await loop.run_in_executor(None, follower.poll):
+                    if record.value is not None:
+                        self._feed(record.topic, record.value, record.timestamp_ms)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - the page must never take the ingress down
             log.exception("status page reader stopped")
         finally:
-            await loop.run_in_executor(None, consumer.close)
+            await loop.run_in_executor(None, follower.close)
 
     def _feed(self, topic: str, value: bytes, timestamp_ms: int) -> None:
         try:

@@ -19,8 +19,15 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from heapsync.contracts import (DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapEnvelope, HeapSync, PageRecord,
-                                parse_heap_payload)
+from heapsync.contracts import (
+    DRAIN_ACTION,
+    SYNC_ACTION,
+    HeapDrain,
+    HeapEnvelope,
+    HeapSync,
+    PageRecord,
+    parse_heap_payload,
+)
 
 TICK = b'{"control":"tick"}'
 _ID = operator.itemgetter("id")
@@ -71,12 +78,13 @@ def _fast(raw: bytes) -> IncomingPage | None:
         return None
     payload = doc["payload"]
     data = payload.get("data")
-    add: list[str] | None = []
-    remove: list[str] | None = []
+    add: list[str] = []
+    remove: list[str] = []
     if payload.get("action_type") == SYNC_ACTION and type(data) is dict:
-        add, remove = _member_ids(data.get("add")), _member_ids(data.get("remove"))
-        if add is None or remove is None:
+        found_add, found_remove = _member_ids(data.get("add")), _member_ids(data.get("remove"))
+        if found_add is None or found_remove is None:
             return None
+        add, remove = found_add, found_remove
         payload = {**payload, "data": {**data, **{k: [] for k in ("add", "remove") if data.get(k) is not None}}}
     try:
         record = PageRecord.model_validate({**doc, "payload": {}})

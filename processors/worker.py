@@ -31,6 +31,7 @@ from typing import Any
 
 import faust
 import orjson
+from faust.types import TableT
 from pydantic import ValidationError
 
 from heapsync.contracts import HeapDrain, HeapSync
@@ -98,7 +99,7 @@ def create_app(settings: Settings) -> faust.App:
 
     options = _table_options(store)
 
-    def table(name: str, value_type: type | None = None) -> faust.Table:
+    def table(name: str, value_type: type | None = None) -> TableT:
         # Faust picks serializers from key_type/value_type: str keys as JSON, bytes values raw, others JSON.
         return app.Table(name, default=None, partitions=settings.topic_partitions, key_type=str,
                          value_type=value_type, options=dict(options) if options else None)
@@ -206,12 +207,12 @@ def create_app(settings: Settings) -> faust.App:
             exporter.update(assembler.counters)
             yield None
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal stubs reject any coroutine handler
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # Another worker may take these partitions over; our in-memory net states would go stale.
         assembler.clear_cache()
 
-    @app.on_partitions_assigned.connect
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         assembler.clear_cache()
 

@@ -188,9 +188,9 @@ class SinkRunner:
             deadline = time.monotonic() + timeout
             while len(at_end) < len(parts) and time.monotonic() < deadline:
                 for msg in consumer.consume(1000, 0.5):
-                    if msg.error():
-                        if msg.error().code() == KafkaError._PARTITION_EOF:
-                            at_end.add(msg.partition())
+                    if (error := msg.error()) is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            at_end.add(msg.partition() or 0)
                         continue
                     key = (msg.key() or b"").decode()
                     if key.startswith(prefix):
@@ -286,12 +286,15 @@ class SinkRunner:
             lane.queue.clear()
 
     def _enqueue(self, msg: Message) -> None:
-        tp = (msg.topic(), msg.partition())
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        # a consumed message without error always has all three; the client's types allow None
+        assert topic is not None and partition is not None and offset is not None
+        tp = (topic, partition)
         progress = self._progress.get(tp)
         if progress is None:  # not (or no longer) assigned to us
-            progress = self._progress[tp] = PartitionProgress(*tp)
+            progress = self._progress[tp] = PartitionProgress(topic, partition)
         delta, error = self.decode(msg)
-        item = _Item(msg, delta, progress, progress.track(msg.offset()), error)
+        item = _Item(msg, delta, progress, progress.track(offset), error)
         key = lane_key(delta) if self._concurrent else "~serial"
         lane = self._lanes.get(key)
         if lane is None:
@@ -317,25 +320,28 @@ class SinkRunner:
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _commit(self, consumer: Consumer, *, sync: bool, only: set[tuple[str, int]] | None = None) -> None:
-        offsets = []
-        for tp, progress in self._progress.items():
-            if only is not None and tp not in only:
+        offsets: list[TopicPartition] = []
+        sent: list[PartitionProgress] = []
+        for key, progress in self._progress.items():
+            if only is not None and key not in only:
                 continue
             point = progress.due()
             if point is not None:
-                offsets.append(TopicPartition(tp[0], tp[1], point))
+                offsets.append(TopicPartition(progress.topic, progress.partition, point))
+                sent.append(progress)
                 progress.committed = point
-                metrics.COMMITTED.labels(self.sink.name, str(tp[1])).set(point)
+                metrics.COMMITTED.labels(self.sink.name, str(progress.partition)).set(point)
         if not offsets:
             return
         try:
-            consumer.commit(offsets=offsets, asynchronous=not sync)
+            if sync:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            else:
+                consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             log.warning("offset commit failed; will retry", extra={"error": str(exc)})
-            for tp in offsets:
-                progress = self._progress.get((tp.topic, tp.partition))
-                if progress is not None:
-                    progress.committed = None
+            for progress in sent:
+                progress.committed = None
 
     def _consumer_config(self) -> dict[str, Any]:
         return {
@@ -378,9 +384,9 @@ class SinkRunner:
                 self._flow_control(consumer)
                 msgs = consumer.consume(500, 0)  # non-blocking: fetching happens in librdkafka's threads
                 for msg in msgs:
-                    if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error", extra={"error": msg.error().str()})
+                    if (error := msg.error()) is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error", extra={"error": error.str()})
                         continue
                     self._enqueue(msg)
                 if time.monotonic() - last_commit >= self.settings.sink_commit_interval_seconds:

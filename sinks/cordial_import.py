@@ -93,8 +93,8 @@ def _int(v: Any) -> int:
 
 
 def job_state_from(answer: Any) -> JobState:
-    doc = answer if isinstance(answer, dict) else {}
-    results = doc.get("results") if isinstance(doc.get("results"), dict) else doc
+    doc: dict[str, Any] = answer if isinstance(answer, dict) else {}
+    results: dict[str, Any] = doc["results"] if isinstance(doc.get("results"), dict) else doc
     rows = results.get("errors") or results.get("rejectedRows") or []
     return JobState(
         status=str(doc.get("status") or doc.get("state") or "Unknown").capitalize(),

@@ -224,8 +224,8 @@ class CordialSimulator:
             return _error(422, "name is required", "VALIDATION_ERROR")
         if tenant.list_by_name(name) is not None:
             return _error(422, f"list name {name} already exists", "VALIDATION_ERROR")
-        lst = {"id": tenant.next_list_id, "name": name, "enhanced": bool(body.get("enhanced", False))}
-        tenant.lists[lst["id"]] = lst
+        lst: dict[str, Any] = {"id": tenant.next_list_id, "name": name, "enhanced": bool(body.get("enhanced", False))}
+        tenant.lists[tenant.next_list_id] = lst
         tenant.next_list_id += 1
         tenant.lists_created += 1
         return web.json_response({"success": True, "id": lst["id"]}, status=201)

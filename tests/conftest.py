@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import urllib.error
-from hypothesis import HealthCheck, settings as hypothesis_settings
-import urllib.request
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
 from ingest.signature import heap_hash_header

@@ -106,8 +106,9 @@ def test_grafana_dashboard_charts_every_stage() -> None:
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     # the archive sink's metrics are defined in this branch: their names must match exactly
-    import sinks.archive  # noqa: F401
     from prometheus_client import REGISTRY
+
+    import sinks.archive  # noqa: F401
 
     names = {m.name for m in REGISTRY.collect()}
     for m in metrics:

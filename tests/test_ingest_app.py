@@ -182,6 +182,6 @@ def test_loop_metrics_expose_like_prometheus_client() -> None:
     for value in (0.05, 0.1, 0.5, 1.0, 7.0):
         ours.labels("/x").observe(value)
         reference.labels("/x").observe(value)
-    lines = lambda reg: sorted(l for l in generate_latest(reg).decode().splitlines()  # noqa: E731
-                               if l.startswith("t_seconds") and "_created" not in l)
+    lines = lambda reg: sorted(line for line in generate_latest(reg).decode().splitlines()  # noqa: E731
+                               if line.startswith("t_seconds") and "_created" not in line)
     assert lines(registry) == lines(reference_registry)

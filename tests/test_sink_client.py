@@ -15,7 +15,8 @@ from sinks.cordial_client import CordialClient, CordialError
 from sinks.cordial_simulator import CordialSimulator
 from sinks.filehost import SignedFileHost
 from sinks.operations import Operation, plan
-from tests.conftest import SIM_KEYS as KEYS, simulator_server
+from tests.conftest import SIM_KEYS as KEYS
+from tests.conftest import simulator_server
 
 
 @pytest.fixture
