@@ -22,6 +22,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def dev_broker_port(bootstrap: str) -> int:
+    """The port of ``bootstrap`` when it names a free loopback port, else any free port.
+
+    ``heapsync dev`` puts its broker where the settings already point (127.0.0.1:9092 by
+    default), so that ``heapsync status``, ``replay`` and ``dlq`` in another shell find it
+    without any variable set.
+    """
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port.isdigit():
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                pass
+            else:
+                return int(port)
+    return free_port()
+
+
 def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout: float, sig: int = signal.SIGTERM) -> None:
     """Signal every process still running, wait for them all up to ``timeout`` in total, kill what is left.
 

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_processes, wait_for_port
+from heapsync.broker import EmbeddedBroker, dev_broker_port, die_with_parent, free_port, stop_processes, wait_for_port
 from heapsync.settings import Settings
 
 DEV_DIR = Path(".heapsync/dev")
@@ -83,7 +83,7 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
     # Tansu keeps its data in memory: a fresh broker means the worker's RocksDB state of an earlier
     # run describes topics that no longer exist, so it goes too.
     shutil.rmtree(DEV_DIR / "processor", ignore_errors=True)
-    broker = EmbeddedBroker(log_path=DEV_DIR / "broker.log")
+    broker = EmbeddedBroker(port=dev_broker_port(settings.kafka_bootstrap), log_path=DEV_DIR / "broker.log")
     children = Children(DEV_DIR)
     try:
         broker.start()
@@ -112,6 +112,9 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
 
         print(f"heapsync dev is running (logs in {DEV_DIR}/)")
         print(f"  broker (Tansu):     {broker.bootstrap}")
+        if broker.bootstrap != settings.kafka_bootstrap:
+            print(f"  ({settings.kafka_bootstrap} was taken: for heapsync status/replay/dlq in another shell, "
+                  f"export HEAPSYNC_KAFKA_BOOTSTRAP={broker.bootstrap})")
         print(f"  webhook:            http://127.0.0.1:{port}/heap/listMembership/<accountId>")
         print(f"  Cordial simulator:  {sim_url}/v2  (lists and members: {sim_url}/_sim/lists)")
         print(f"  accounts file:      {accounts_file}")

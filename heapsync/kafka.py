@@ -1,8 +1,12 @@
-"""Topic admin: the topics heapsync needs, with explicit settings. (The producer is ``heapsync.producer``.)"""
+"""Kafka client basics and topic admin: the base config every client gets, and the topics heapsync
+needs with explicit settings. (The producer is ``heapsync.producer``.)"""
 
 from __future__ import annotations
 
 import logging
+import re
+import time
+from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -10,6 +14,41 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from heapsync.settings import Settings
 
 log = logging.getLogger(__name__)
+kafka_log = logging.getLogger("heapsync.kafka.client")
+"""librdkafka's own log lines, routed through logging so that they come out as JSON too."""
+
+ERROR_LOG_INTERVAL_SECONDS = 10.0
+_DIGITS = re.compile(r"\d+")
+
+
+class RepeatFilter(logging.Filter):
+    """Lets one line per kind of message through per interval (reconnect attempts repeat every few ms)."""
+
+    def __init__(self, interval: float = ERROR_LOG_INTERVAL_SECONDS) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = _DIGITS.sub("", record.getMessage())[:160]
+        now = time.monotonic()
+        if now - self._last.get(kind, float("-inf")) < self.interval:
+            return False
+        self._last[kind] = now
+        return True
+
+
+kafka_log.addFilter(RepeatFilter())
+
+
+def client_config(bootstrap: str) -> dict[str, Any]:
+    """What every consumer, producer and admin client starts from.
+
+    librdkafka otherwise prints its own lines to stderr (a refused connection every few
+    milliseconds while a broker is down); through ``kafka_log`` they are JSON like every
+    other line, and repeats are collapsed.
+    """
+    return {"bootstrap.servers": bootstrap, "logger": kafka_log}
 
 
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
@@ -28,7 +67,7 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create any missing heapsync topic; returns the names created."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings.kafka_bootstrap))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = topic_configs(settings)
     new = [

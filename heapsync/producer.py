@@ -20,19 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from typing import Any, Callable
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-log = logging.getLogger("heapsync.kafka")
-kafka_log = logging.getLogger("heapsync.kafka.client")
-"""librdkafka's own log lines, routed through logging so that they come out as JSON too."""
+from heapsync.kafka import ERROR_LOG_INTERVAL_SECONDS, client_config
 
-ERROR_LOG_INTERVAL_SECONDS = 10.0
-_DIGITS = re.compile(r"\d+")
+log = logging.getLogger("heapsync.kafka")
 
 
 class ProduceError(Exception):
@@ -51,25 +47,6 @@ class QueueFull(ProduceError):
         super().__init__("local producer queue is full", retriable=True)
 
 
-class RepeatFilter(logging.Filter):
-    """Lets one line per kind of message through per interval (reconnect attempts repeat every few ms)."""
-
-    def __init__(self, interval: float = ERROR_LOG_INTERVAL_SECONDS) -> None:
-        super().__init__()
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        kind = _DIGITS.sub("", record.getMessage())[:160]
-        now = time.monotonic()
-        if now - self._last.get(kind, float("-inf")) < self.interval:
-            return False
-        self._last[kind] = now
-        return True
-
-
-kafka_log.addFilter(RepeatFilter())
-
 ErrorCallback = Callable[[KafkaError], None]
 
 
@@ -77,7 +54,7 @@ def producer_config(bootstrap: str, *, delivery_timeout_s: float = 10.0,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Durable by default: idempotent, every in-sync replica acknowledges, bounded local queue."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 2,
@@ -87,7 +64,6 @@ def producer_config(bootstrap: str, *, delivery_timeout_s: float = 10.0,
         "queue.buffering.max.kbytes": 256 * 1024,
         "message.max.bytes": 16 * 1024 * 1024,
         "socket.keepalive.enable": True,
-        "logger": kafka_log,
     }
     config.update(extra or {})
     return config

@@ -180,16 +180,15 @@ def run_replay(settings: Any, kind: Kind, *, since_ms: int | None, from_offset: 
     """
     from confluent_kafka import Producer
 
+    from heapsync.producer import producer_config
+
     topic = settings.topics.pages if kind == "pages" else settings.topics.deltas
     report = Report(kind, replay_id or new_replay_id(), dry_run)
     bar = _Bar(progress, f"{'scanning' if dry_run else 'replaying'} {topic}")
     records = read_topic(settings.kafka_bootstrap, topic, since_ms=since_ms, from_offset=from_offset,
                          on_start=bar.start)
-    producer = None if dry_run else Producer({
-        "bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
-        "linger.ms": 5, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024,
-        "message.timeout.ms": 60_000,
-    })
+    producer = None if dry_run else Producer(
+        producer_config(settings.kafka_bootstrap, delivery_timeout_s=60.0, extra={"linger.ms": 5}))
     failures: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:

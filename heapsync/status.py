@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from heapsync.kafka import client_config
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
@@ -128,8 +129,8 @@ def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
     from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    probe = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "heapsync-status-probe",
+    admin = AdminClient(client_config(settings.kafka_bootstrap))
+    probe = Consumer({**client_config(settings.kafka_bootstrap), "group.id": "heapsync-status-probe",
                       "enable.auto.commit": False})
     rows: list[PartitionLag] = []
     required = {settings.processor_group, settings.sink_group}

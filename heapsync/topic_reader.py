@@ -22,6 +22,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 
+from heapsync.kafka import client_config
+
 log = logging.getLogger("heapsync.reader")
 
 
@@ -43,7 +45,7 @@ def _record(msg: Any) -> Record:
 
 def _consumer(bootstrap: str) -> Consumer:
     return Consumer({
-        "bootstrap.servers": bootstrap,
+        **client_config(bootstrap),
         # never used to commit: a throwaway id keeps the broker from mixing readers up
         "group.id": f"heapsync-reader-{uuid.uuid4().hex[:12]}",
         "enable.auto.commit": False,

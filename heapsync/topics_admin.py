@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from heapsync.kafka import topic_configs
+from heapsync.kafka import client_config, topic_configs
 
 SHOWN = ("retention.ms", "cleanup.policy")
 
@@ -46,7 +46,7 @@ def describe(settings: Any, *, create: bool = True, timeout: float = 15.0) -> li
     from heapsync.kafka import ensure_topics
 
     created = set(ensure_topics(settings, timeout=timeout)) if create else set()
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings.kafka_bootstrap))
     md = admin.list_topics(timeout=timeout)
     wanted = topic_configs(settings)
     rows: list[dict[str, Any]] = []

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
 from heapsync.contracts import AppliedChunk, Delta
+from heapsync.kafka import client_config
 from heapsync.producer import ProduceError, ResilientProducer
 from heapsync.settings import Settings
 from sinks import metrics
@@ -172,7 +173,7 @@ class SinkRunner:
         Uses partition EOF events rather than ListOffsets (which some brokers answer slowly)."""
         topic = self.settings.topics.sink_progress
         consumer = Consumer({
-            "bootstrap.servers": self.settings.kafka_bootstrap,
+            **client_config(self.settings.kafka_bootstrap),
             "group.id": f"{self.group}-progress-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
@@ -345,7 +346,7 @@ class SinkRunner:
 
     def _consumer_config(self) -> dict[str, Any]:
         return {
-            "bootstrap.servers": self.settings.kafka_bootstrap,
+            **client_config(self.settings.kafka_bootstrap),
             "group.id": self.group,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",

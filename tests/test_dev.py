@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from heapsync.broker import free_port
+from heapsync.broker import dev_broker_port, free_port
 from tests.conftest import http
 
 pytestmark = pytest.mark.integration
@@ -31,9 +33,24 @@ def processes_in(directory: Path) -> list[int]:
     return found
 
 
+def test_dev_broker_takes_the_configured_port_when_it_is_free() -> None:
+    port = free_port()
+    assert dev_broker_port(f"127.0.0.1:{port}") == port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        other = dev_broker_port(f"127.0.0.1:{busy}")
+    assert other != busy
+    assert dev_broker_port("not a bootstrap") > 0
+
+
 def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
     port, sim_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")}
+    bootstrap = f"127.0.0.1:{free_port()}"
+    # the broker goes where the settings point, so operator commands in another shell find it
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")},
+           "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap}
     out = tmp_path / "dev.out"
     dev = subprocess.Popen([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(port), "--sim-port", str(sim_port)],
                            cwd=tmp_path, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT)
@@ -45,6 +62,7 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
         text = out.read_text()
         assert "demo account id:    demo" in text and "demo webhook secret:" in text
         assert f"http://127.0.0.1:{sim_port}/_sim/lists" in text
+        assert f"broker (Tansu):     {bootstrap}" in text
 
         sample = subprocess.run(
             [sys.executable, "-m", "heapsync.cli", "send-sample", "--url",
@@ -66,6 +84,13 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
         while "HeapTestSegment has 3 member(s)" not in out.read_text() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert "HeapTestSegment has 3 member(s)" in out.read_text()
+
+        status = subprocess.run([sys.executable, "-m", "heapsync.cli", "status", "--json"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stderr[-2000:]
+        applied = json.loads(status.stdout)["last_applied"]
+        assert [(a["account"], a["list_name"], a["adds"], a["removes"]) for a in applied] == [
+            ("demo", "HeapTestSegment", 3, 1)]
     finally:
         dev.send_signal(signal.SIGINT)
         try:
