@@ -243,8 +243,9 @@ def topics(create: bool, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("kind", type=click.Choice(["pages", "deltas"]))
-@click.option("--since", default=None, metavar="ISO_TIME",
-              help="Replay records written at or after this time (e.g. 2026-11-24T05:00:00Z; naive = UTC).")
+@click.option("--since", default=None, metavar="TIME",
+              help="Replay records written at or after this time: ISO 8601 (2026-11-24T05:00:00Z; naive = UTC) "
+                   "or a span back from now (90m, 2h, 1d12h).")
 @click.option("--from-offset", type=int, default=None, help="Replay from this offset in every partition.")
 @click.option("--account", default=None, help="Only this account.")
 @click.option("--segment", default=None, help="Only this segment (id or name; for deltas also the list name).")
@@ -262,7 +263,7 @@ def replay(kind: str, since: str | None, from_offset: int | None, account: str |
     try:
         since_ms = parse_since(since) if since is not None else None
     except ValueError as exc:
-        raise click.BadParameter(f"not an ISO 8601 time: {since}", param_hint="--since") from exc
+        raise click.BadParameter(f"not an ISO 8601 time or a span like 2h: {since}", param_hint="--since") from exc
     settings = _settings()
     logs.setup("WARNING")
     try:

@@ -16,6 +16,7 @@ The selection and rewriting rules are pure functions; :func:`run_replay` is the 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -85,8 +86,20 @@ def new_replay_id(now: datetime | None = None) -> str:
     return f"r{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 
-def parse_since(text: str) -> int:
-    """An ISO 8601 time (naive means UTC) to epoch milliseconds."""
+_AGO = re.compile(r"(\d+)([dhms])")
+_AGO_UNIT_SECONDS = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+
+
+def parse_since(text: str, now: datetime | None = None) -> int:
+    """An ISO 8601 time (naive means UTC), or a span back from now (``90m``, ``2h``, ``1d12h``), to epoch ms.
+
+    Spans because "replay since the outage began, two hours ago" is how operators think of it.
+    """
+    compact = text.strip().lower().replace(" ", "")
+    if compact and not _AGO.sub("", compact):  # nothing but <number><unit> pairs
+        seconds = sum(int(n) * _AGO_UNIT_SECONDS[unit] for n, unit in _AGO.findall(compact))
+        now = now or datetime.now(timezone.utc)
+        return int(now.timestamp() * 1000) - seconds * 1000
     when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)

@@ -81,6 +81,18 @@ def test_parse_since_accepts_z_offsets_and_naive_utc() -> None:
         replay.parse_since("yesterday")
 
 
+def test_parse_since_accepts_spans_back_from_now() -> None:
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
+    at = replay.parse_since
+    assert at("2h", now) == at("2026-11-24T10:00:00Z")
+    assert at("90m", now) == at("1h30m", now) == at("1h 30m", now) == at("2026-11-24T10:30:00Z")
+    assert at("1d12h", now) == at("2026-11-23T00:00:00Z")
+    assert at("45s", now) == at("2026-11-24T11:59:15Z")
+    for bad in ("", "2", "h", "2w", "-2h", "2h-"):
+        with pytest.raises(ValueError):
+            at(bad, now)
+
+
 # -- dead letters -------------------------------------------------------------------
 
 
