@@ -85,7 +85,8 @@ def process() -> None:
     settings = _settings()
     logs.setup(settings.log_level)
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
+    # override_logging=False keeps our JSON lines (with their fields); mode would replace the handler
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
     worker.execute_from_commandline()
 
 

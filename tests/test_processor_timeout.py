@@ -22,7 +22,7 @@ def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_
     metrics_port = free_port()
     pipeline.extra_env.update({"HEAPSYNC_SYNC_TIMEOUT_SECONDS": "4", "HEAPSYNC_METRICS_PORT": str(metrics_port)})
     pipeline.start_ingest()
-    pipeline.start("process", "process")
+    worker = pipeline.start("process", "process")
 
     lossy, after = str(uuid.uuid4()), str(uuid.uuid4())
     post_pages(pipeline, lossy, [(["a@example.com"], []), (["b@example.com"], [])], [1])
@@ -57,3 +57,11 @@ def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_
                  "heapsync_assembler_pages_total 3.0", "heapsync_assembler_deltas_total 2.0"):
         assert line in metrics, metrics
     assert "heapsync_assembler_open_syncs{" in metrics
+
+    # the worker's own lines are JSON with their fields (Faust must not replace our log handler),
+    # and they name syncs and lists, never users
+    lines = [orjson.loads(line) for line in worker.output().splitlines() if line.startswith('{"ts"')]
+    emitted = {line["delta_id"]: line for line in lines if line["msg"] == "delta emitted"}
+    assert {partial.delta_id, later.delta_id} <= set(emitted)
+    assert (emitted[partial.delta_id]["complete"], emitted[partial.delta_id]["missing_pages"]) == (False, 1)
+    assert "example.com" not in worker.output()
