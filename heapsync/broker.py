@@ -113,6 +113,9 @@ class EmbeddedBroker:
             [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/"],
             stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+            # its own session: a terminal's Ctrl-C reaches whoever started it, who stops the
+            # broker last, after the clients that still want to commit and flush through it
+            start_new_session=True,
         )
         try:
             wait_for_port(self.host, self.port, timeout)

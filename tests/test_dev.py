@@ -53,7 +53,8 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
            "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap}
     out = tmp_path / "dev.out"
     dev = subprocess.Popen([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(port), "--sim-port", str(sim_port)],
-                           cwd=tmp_path, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+                           cwd=tmp_path, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT,
+                           start_new_session=True)
     try:
         deadline = time.monotonic() + 90
         while "Ctrl-C stops everything" not in out.read_text() and time.monotonic() < deadline:
@@ -92,12 +93,14 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
         assert [(a["account"], a["list_name"], a["adds"], a["removes"]) for a in applied] == [
             ("demo", "HeapTestSegment", 3, 1)]
     finally:
-        dev.send_signal(signal.SIGINT)
+        os.killpg(dev.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
         try:
             dev.wait(60)
         except subprocess.TimeoutExpired:
             dev.kill()
     assert dev.returncode == 0, out.read_text()
+    # the broker went last: the worker did not lose it while shutting down
+    assert "Connect call failed" not in (tmp_path / ".heapsync/dev/process.log").read_text()
     deadline = time.monotonic() + 10
     while processes_in(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
