@@ -113,8 +113,8 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
         print(f"heapsync dev is running (logs in {DEV_DIR}/)")
         print(f"  broker (Tansu):     {broker.bootstrap}")
         if broker.bootstrap != settings.kafka_bootstrap:
-            print(f"  ({settings.kafka_bootstrap} was taken: for heapsync status/replay/dlq in another shell, "
-                  f"export HEAPSYNC_KAFKA_BOOTSTRAP={broker.bootstrap})")
+            print(f"  (not at {settings.kafka_bootstrap}, which is taken or not local: for heapsync "
+                  f"status/replay/dlq in another shell, export HEAPSYNC_KAFKA_BOOTSTRAP={broker.bootstrap})")
         print(f"  webhook:            http://127.0.0.1:{port}/heap/listMembership/<accountId>")
         print(f"  Cordial simulator:  {sim_url}/v2  (lists and members: {sim_url}/_sim/lists)")
         print(f"  accounts file:      {accounts_file}")
