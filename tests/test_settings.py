@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,13 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings()
     assert s.topics.pages == "prod.pages"
     assert s.sync_timeout_seconds == 120
+
+
+def test_every_setting_is_named_in_the_readme() -> None:
+    """Docs that match the code: each environment variable appears in README.md (``A_HOST``/``_PORT`` counts)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    named = set(re.findall(r"HEAPSYNC_[A-Z0-9_]+", readme))
+    for stem, _, sibling in re.findall(r"`(HEAPSYNC_[A-Z0-9_]+)_([A-Z0-9]+)`\s*/\s*`_([A-Z0-9_]+)`", readme):
+        named.add(f"{stem}_{sibling}")
+    every = sorted(f"HEAPSYNC_{name.upper()}" for name in Settings.model_fields)
+    assert [name for name in every if name not in named] == []
