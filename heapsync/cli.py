@@ -417,11 +417,7 @@ def archive(directory: Path | None, max_bytes: int | None, max_seconds: float | 
         settings.archive_max_seconds = max_seconds
     logs.setup(settings.log_level)
     ensure_topics(settings)
-    if settings.metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port)
-    asyncio.run(build_runner(settings).run())
+    asyncio.run(build_runner(settings).run())  # the runner serves HEAPSYNC_METRICS_PORT
 
 def main() -> None:
     cli()

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
+from heapsync.broker import free_port
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
 from heapsync.topic_reader import read_topic
 from sinks.archive import ArchiveWriter, recover_partial
-from tests.conftest import Pipeline
+from tests.conftest import Pipeline, http
 
 
 def read_archive(directory: Path) -> list[dict]:
@@ -81,8 +82,10 @@ def test_archive_process_writes_every_delta_and_records_its_progress(pipeline: P
     producer.flush(10)
 
     out = tmp_path / "archive"
+    metrics_port = free_port()
     proc = pipeline.start("archive", "archive", "--dir", str(out), "--max-seconds", "1",
-                          env=pipeline.env(HEAPSYNC_ARCHIVE_GROUP=f"{pipeline.prefix}-archive"))
+                          env=pipeline.env(HEAPSYNC_ARCHIVE_GROUP=f"{pipeline.prefix}-archive",
+                                           HEAPSYNC_METRICS_PORT=str(metrics_port)))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(read_archive(out)) < 3:
         time.sleep(0.5)
@@ -92,6 +95,8 @@ def test_archive_process_writes_every_delta_and_records_its_progress(pipeline: P
     producer.flush(10)
     while time.monotonic() < deadline and len(read_archive(out)) < 5:
         time.sleep(0.5)
+    scraped = http("GET", f"http://127.0.0.1:{metrics_port}/metrics").body
+    assert 'heapsync_sink_chunks_total{result="applied",sink="archive"} 5.0' in scraped, scraped
     proc.stop()
     assert proc.popen.returncode == 0, pipeline.logs()
 
