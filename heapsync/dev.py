@@ -122,6 +122,7 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
             print(f"  demo account id:    {DEMO_ACCOUNT}")
             print(f"  demo webhook secret: {demo_secret}")
         print("Send a sample sync from another shell:  .venv/bin/heapsync send-sample")
+        print("Lag, open syncs, dead letters, last applied per list:  .venv/bin/heapsync status")
         print("The Faust worker needs a few seconds to join its group before deltas flow. Ctrl-C stops everything.")
         sys.stdout.flush()
 
