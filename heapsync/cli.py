@@ -419,6 +419,7 @@ def archive(directory: Path | None, max_bytes: int | None, max_seconds: float | 
     ensure_topics(settings)
     asyncio.run(build_runner(settings).run())  # the runner serves HEAPSYNC_METRICS_PORT
 
+
 def main() -> None:
     cli()
 

@@ -190,8 +190,9 @@ class SinkRunner:
             while len(at_end) < len(parts) and time.monotonic() < deadline:
                 for msg in consumer.consume(1000, 0.5):
                     if (error := msg.error()) is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            at_end.add(msg.partition() or 0)
+                        partition = msg.partition()
+                        if error.code() == KafkaError._PARTITION_EOF and partition is not None:
+                            at_end.add(partition)
                         continue
                     key = (msg.key() or b"").decode()
                     if key.startswith(prefix):
@@ -335,10 +336,8 @@ class SinkRunner:
         if not offsets:
             return
         try:
-            if sync:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            else:
-                consumer.commit(offsets=offsets, asynchronous=True)
+            # the client's stubs overload on a literal True/False; one call with the flag is the same
+            consumer.commit(offsets=offsets, asynchronous=not sync)  # type: ignore[call-overload]
         except KafkaException as exc:
             log.warning("offset commit failed; will retry", extra={"error": str(exc)})
             for progress in sent:
