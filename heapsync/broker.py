@@ -100,6 +100,7 @@ class EmbeddedBroker:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     process: subprocess.Popen[bytes] | None = None
+    kind: str = "tansu"
 
     @property
     def bootstrap(self) -> str:

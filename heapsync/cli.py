@@ -144,11 +144,50 @@ def simulator(port: int, host: str, accounts: tuple[str, ...], latency: float, r
 @cli.command()
 @click.option("--port", type=int, default=8080, show_default=True, help="Port of the ingress.")
 @click.option("--sim-port", type=int, default=8081, show_default=True, help="Port of the Cordial simulator.")
-def dev(port: int, sim_port: int) -> None:
+@click.option("--broker", "broker_kind", type=click.Choice(["tansu", "kafka"]), default="tansu", show_default=True,
+              help="Embedded Tansu (no Java needed) or a single-node Apache Kafka (Java 17 and Maven).")
+def dev(port: int, sim_port: int, broker_kind: str) -> None:
     """Run the whole pipeline on this machine: broker, ingress, worker, sink, simulator."""
     from heapsync.dev import run_dev
 
-    sys.exit(run_dev(port=port, sim_port=sim_port))
+    sys.exit(run_dev(port=port, sim_port=sim_port, broker_kind=broker_kind))
+
+
+@cli.group()
+def kafka() -> None:
+    """A local Apache Kafka (KRaft) resolved with Maven and run on Java 17: for dev, tests and benchmarks."""
+
+
+_kafka_version = click.option("--version", "version", default=None, metavar="VERSION",
+                              help="Apache Kafka version (default the one production pins, see README).")
+
+
+@kafka.command("fetch")
+@_kafka_version
+def kafka_fetch(version: str | None) -> None:
+    """Resolve Apache Kafka's jars with Maven into the cache (HEAPSYNC_KAFKA_CACHE) and print where."""
+    from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaUnavailable, fetch
+
+    try:
+        home = fetch(version or DEFAULT_KAFKA_VERSION, quiet=False)
+    except KafkaUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"Apache Kafka {version or DEFAULT_KAFKA_VERSION}: {home / 'libs'}")
+
+
+@kafka.command("start")
+@click.option("--nodes", type=click.IntRange(1, 9), default=1, show_default=True,
+              help="Nodes in the KRaft cluster, each a controller and a broker.")
+@_kafka_version
+@click.option("--port", type=int, default=None,
+              help="Client port of the first node (default the port of HEAPSYNC_KAFKA_BOOTSTRAP if free, else any).")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep data here (reused on the next start); default a temporary folder removed at exit.")
+def kafka_start(nodes: int, version: str | None, port: int | None, data_dir: Path | None) -> None:
+    """Run Apache Kafka in the foreground until Ctrl-C, then stop every node."""
+    from heapsync.apache_kafka import run_foreground
+
+    sys.exit(run_foreground(nodes=nodes, version=version, port=port, data_dir=data_dir))
 
 
 @cli.command("send-sample")

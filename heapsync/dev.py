@@ -1,8 +1,9 @@
 """``heapsync dev``: the whole pipeline as child processes of one command.
 
-Starts Tansu, the Cordial simulator, the ingress, a Faust worker and the sink;
-prints where everything is; on Ctrl-C or SIGTERM stops every process it
-started (and children die with it if it is killed: PR_SET_PDEATHSIG).
+Starts the broker (Tansu, or with ``--broker kafka`` a single-node Apache Kafka), the
+Cordial simulator, the ingress, a Faust worker and the sink; prints where everything is;
+on Ctrl-C or SIGTERM stops every process it started (and children die with it if it is
+killed: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from heapsync.apache_kafka import KafkaCluster, KafkaUnavailable
 from heapsync.broker import EmbeddedBroker, dev_broker_port, die_with_parent, free_port, stop_processes, wait_for_port
 from heapsync.settings import Settings
 
@@ -68,7 +70,19 @@ def _sim_lists(sim_url: str) -> dict[str, dict[str, list[str]]]:
         return {}
 
 
-def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
+def make_broker(kind: str, bootstrap: str) -> EmbeddedBroker | KafkaCluster:
+    """The dev broker where the settings point: Tansu (in memory) or a single-node Apache Kafka (temp data)."""
+    port = dev_broker_port(bootstrap)
+    if kind == "kafka":
+        return KafkaCluster(nodes=1, port=port, log_dir=DEV_DIR)
+    return EmbeddedBroker(port=port, log_path=DEV_DIR / "broker.log")
+
+
+def broker_label(broker: EmbeddedBroker | KafkaCluster) -> str:
+    return f"Apache Kafka {broker.version}" if isinstance(broker, KafkaCluster) else "Tansu"
+
+
+def run_dev(port: int = 8080, sim_port: int = 8081, broker_kind: str = "tansu") -> int:
     DEV_DIR.mkdir(parents=True, exist_ok=True)
     settings = Settings()
     stop = False
@@ -80,13 +94,20 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    # Tansu keeps its data in memory: a fresh broker means the worker's RocksDB state of an earlier
-    # run describes topics that no longer exist, so it goes too.
+    # Tansu keeps its data in memory and the dev Kafka in a temporary folder: a fresh broker means the
+    # worker's RocksDB state of an earlier run describes topics that no longer exist, so it goes too.
     shutil.rmtree(DEV_DIR / "processor", ignore_errors=True)
-    broker = EmbeddedBroker(port=dev_broker_port(settings.kafka_bootstrap), log_path=DEV_DIR / "broker.log")
+    broker = make_broker(broker_kind, settings.kafka_bootstrap)
     children = Children(DEV_DIR)
     try:
-        broker.start()
+        if isinstance(broker, KafkaCluster):
+            print(f"starting Apache Kafka {broker.version} (the first run resolves it with Maven) ...",
+                  file=sys.stderr, flush=True)
+        try:
+            broker.start()
+        except KafkaUnavailable as exc:
+            print(f"Apache Kafka did not start: {exc}", file=sys.stderr)
+            return 1
         sim_url = f"http://127.0.0.1:{sim_port}"
         env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": broker.bootstrap,
                "HEAPSYNC_PROCESSOR_DATA_DIR": str(DEV_DIR / "processor"),
@@ -111,7 +132,8 @@ def run_dev(port: int = 8080, sim_port: int = 8081) -> int:
         wait_for_port("127.0.0.1", port, 30)
 
         print(f"heapsync dev is running (logs in {DEV_DIR}/)")
-        print(f"  broker (Tansu):     {broker.bootstrap}")
+        label = f"  broker ({broker_label(broker)}):"
+        print(f"{label.ljust(21)} {broker.bootstrap}")
         if broker.bootstrap != settings.kafka_bootstrap:
             print(f"  (not at {settings.kafka_bootstrap}, which is taken or not local: for heapsync "
                   f"status/replay/dlq in another shell, export HEAPSYNC_KAFKA_BOOTSTRAP={broker.bootstrap})")

@@ -1,7 +1,8 @@
-"""Shared fixtures: a real Tansu broker, and the pipeline's stages as real processes.
+"""Shared fixtures: a real broker (Tansu, Apache Kafka or each in turn), and the pipeline's stages as real processes.
 
-Every integration test gets its own topic prefix and consumer groups on the
-shared broker, so tests do not see each other's records. Every process a test
+``--broker tansu|kafka|both`` (or HEAPSYNC_TEST_BROKERS) picks the brokers; every test that uses
+the ``broker`` fixture runs once per broker (ids ``tansu``/``kafka``). Every integration test gets
+its own topic prefix and consumer groups on the shared broker, so tests do not see each other's records. Every process a test
 starts is stopped by its pid at teardown.
 """
 
@@ -26,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
+from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaCluster, KafkaUnavailable, missing_tools
 from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
 from ingest.signature import heap_hash_header
 from sinks.cordial_simulator import CordialSimulator, SimConfig
@@ -34,12 +36,102 @@ from sinks.cordial_simulator import CordialSimulator, SimConfig
 hypothesis_settings.register_profile("heapsync", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("heapsync")
 
+Broker = EmbeddedBroker | KafkaCluster
+"""What the ``broker`` fixture yields: Tansu or Apache Kafka, both with ``bootstrap``, ``kind``, ``start``/``stop``."""
+
+
+BROKER_KINDS = ("tansu", "kafka")
+BROKERS_ENV = "HEAPSYNC_TEST_BROKERS"
+REQUIRE_KAFKA_ENV = "HEAPSYNC_TEST_REQUIRE_KAFKA"
+_BROKERS = pytest.StashKey[list[str]]()
+_NOTE = pytest.StashKey[str | None]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--broker", choices=[*BROKER_KINDS, "both"], default=None,
+                     help=f"Broker(s) the real-chain tests run on (default: ${BROKERS_ENV}, else both when "
+                          "java and mvn are on PATH, else tansu).")
+
+
+def selected_brokers(config: pytest.Config) -> tuple[list[str], str | None]:
+    """The brokers to run on, and the one line to print when the Kafka tier is left out by default."""
+    choice = config.getoption("--broker") or os.environ.get(BROKERS_ENV, "").strip()
+    if choice:
+        if choice not in (*BROKER_KINDS, "both"):
+            raise pytest.UsageError(f"{BROKERS_ENV}={choice!r}: choose tansu, kafka or both")
+        return (list(BROKER_KINDS) if choice == "both" else [choice]), None
+    missing = missing_tools()
+    if os.environ.get(REQUIRE_KAFKA_ENV) == "1":
+        if missing:
+            raise pytest.UsageError(f"{REQUIRE_KAFKA_ENV}=1 but {' and '.join(missing)} not on PATH: "
+                                    "the Apache Kafka tier cannot run")
+        return list(BROKER_KINDS), None
+    if missing:
+        return ["tansu"], (f"Apache Kafka tier skipped: {' and '.join(missing)} not on PATH "
+                           "(install Java 17 and Maven to run every real-chain test on Kafka too)")
+    return list(BROKER_KINDS), None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    brokers, note = selected_brokers(config)
+    config.stash[_BROKERS] = brokers
+    config.stash[_NOTE] = note
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    note = session.config.stash.get(_NOTE, None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if note and reporter is not None:
+        reporter.write_line(note, yellow=True)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses the ``broker`` fixture (directly or through ``pipeline``) runs on each selected broker;
+    a test that asks for ``broker_kind`` gets each selected kind's name instead."""
+    brokers = metafunc.config.stash[_BROKERS]
+    if "broker" in metafunc.fixturenames:
+        metafunc.parametrize("broker", brokers, ids=brokers, indirect=True, scope="session")
+    elif "broker_kind" in metafunc.fixturenames:  # tests that start their own broker of each kind (e.g. `dev`)
+        metafunc.parametrize("broker_kind", brokers, ids=brokers)
+
+
+@pytest.fixture
+def kafka_tier(request: pytest.FixtureRequest) -> None:
+    """For tests of the Apache Kafka launcher itself: they run when the Kafka tier is selected."""
+    if "kafka" not in request.config.stash[_BROKERS]:
+        pytest.skip("the Apache Kafka tier is not selected (--broker, HEAPSYNC_TEST_BROKERS)")
+
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    log = tmp_path_factory.mktemp("broker") / "tansu.log"
-    with EmbeddedBroker(log_path=log) as b:
-        yield b
+def broker(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One broker per kind for the whole session; tests isolate themselves by topic prefix and group."""
+    kind = getattr(request, "param", "tansu")
+    logs = tmp_path_factory.mktemp(f"broker-{kind}")
+    if kind == "tansu":
+        with EmbeddedBroker(log_path=logs / "tansu.log") as b:
+            yield b
+        return
+    cluster = KafkaCluster(nodes=1, log_dir=logs,
+                           version=os.environ.get("HEAPSYNC_TEST_KAFKA_VERSION") or DEFAULT_KAFKA_VERSION)
+    try:
+        cluster.start()
+    except KafkaUnavailable as exc:
+        if os.environ.get(REQUIRE_KAFKA_ENV) == "1":
+            pytest.exit(f"Apache Kafka could not start and {REQUIRE_KAFKA_ENV}=1: {exc}", returncode=3)
+        raise
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def create_topic(bootstrap: str, name: str, partitions: int = 1) -> str:
+    """A topic made up front, as `heapsync topics` does in production (Apache Kafka here does not auto-create)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, partitions, 1)])[name].result(30)
+    return name
 
 
 @dataclass
@@ -84,7 +176,7 @@ def http(method: str, url: str, body: bytes | None = None, headers: dict[str, st
 class Pipeline:
     """One isolated heapsync deployment on the shared broker, run as real processes."""
 
-    broker: EmbeddedBroker
+    broker: Broker
     workdir: Path
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
     procs: list[Proc] = field(default_factory=list)
@@ -187,7 +279,7 @@ class Pipeline:
 
 
 @pytest.fixture
-def pipeline(broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Pipeline]:
+def pipeline(broker: Broker, tmp_path: Path) -> Iterator[Pipeline]:
     p = Pipeline(broker, tmp_path)
     try:
         yield p

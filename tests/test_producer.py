@@ -10,10 +10,11 @@ import pytest
 from heapsync.broker import EmbeddedBroker, free_port
 from heapsync.producer import LoopProducer, ProduceError, ResilientProducer
 from heapsync.topic_reader import read_topic
+from tests.conftest import create_topic
 
 
 async def test_send_resolves_once_the_broker_holds_the_record(broker: EmbeddedBroker) -> None:
-    topic = f"producer-{uuid.uuid4().hex[:8]}"
+    topic = create_topic(broker.bootstrap, f"producer-{uuid.uuid4().hex[:8]}")
     producer = ResilientProducer.connect(broker.bootstrap)
     try:
         msgs = await asyncio.gather(*(producer.send(topic, f"v{i}".encode(), key=b"k", timeout=30)
