@@ -169,7 +169,8 @@ def kafka_fetch(version: str | None) -> None:
     from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaUnavailable, fetch
 
     try:
-        home = fetch(version or DEFAULT_KAFKA_VERSION, quiet=False)
+        click.echo(f"resolving Apache Kafka {version or DEFAULT_KAFKA_VERSION} with Maven (once; then cached) ...")
+        home = fetch(version or DEFAULT_KAFKA_VERSION)
     except KafkaUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Apache Kafka {version or DEFAULT_KAFKA_VERSION}: {home / 'libs'}")

@@ -49,6 +49,8 @@ def render_status(doc: dict[str, Any]) -> None:
     render_rows("consumer lag", doc["lag"], ["group", "topic", "partition", "committed", "end", "lag"])
     totals = ", ".join(f"{g}: {n}" for g, n in doc["lag_total"].items()) or "none"
     _console().print(f"total lag: {totals}")
+    for group, why in sorted(doc.get("lag_unknown", {}).items()):
+        _console().print(f"lag of {group} unknown: its committed offsets could not be read ({why})")
     render_rows("open syncs", doc["open_syncs"],
                 ["account", "segment_name", "sync", "pages_received", "total_pages", "age_seconds"])
     dl = [{"topic": src, "reason": reason, "count": n}
