@@ -114,3 +114,9 @@ def test_grafana_dashboard_charts_every_stage() -> None:
     for m in metrics:
         if m.startswith("heapsync_sink_archive_"):
             assert m.removesuffix("_total") in names, m
+
+
+def test_compose_pins_the_kafka_version_the_tests_run() -> None:
+    from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION
+
+    assert SERVICES["kafka"]["image"] == f"apache/kafka:{DEFAULT_KAFKA_VERSION}"

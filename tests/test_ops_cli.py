@@ -175,3 +175,22 @@ def test_status_on_a_fresh_kafka_waits_for_the_group_coordinator(kafka_tier: Non
         assert doc["lag_unknown"] == {}
         assert doc["lag_total"] == {"heapsync-assembler": 0, "heapsync-cordial-sink": 0}
         assert len(doc["lag"]) == 4
+
+
+def test_replay_start_is_found_by_time_without_reading_earlier_records(pipeline: Pipeline) -> None:
+    """--since looks the start up with offsets-for-times: on Apache Kafka only the records at or after
+    the time are read (the progress estimate is exact); on any broker only those are yielded."""
+    from tests.conftest import create_topic
+
+    topic = create_topic(pipeline.broker.bootstrap, f"{pipeline.prefix}.timed", 2)
+    producer = Producer({"bootstrap.servers": pipeline.broker.bootstrap})
+    base = int(time.time() * 1000) - 60_000
+    for i in range(10):
+        producer.produce(topic, f"r{i}".encode(), partition=i % 2, timestamp=base + i * 1000)
+    assert producer.flush(30) == 0
+    estimates: list[int | None] = []
+    got = [r.value for r in read_topic(pipeline.broker.bootstrap, topic, since_ms=base + 6000,
+                                       on_start=estimates.append)]
+    assert sorted(got) == [b"r6", b"r7", b"r8", b"r9"]
+    if pipeline.broker.kind == "kafka":
+        assert estimates == [4]
