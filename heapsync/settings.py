@@ -134,6 +134,18 @@ class Settings(BaseSettings):
     )
     signature_max_future_seconds: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_compressed_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Bytes as sent of a gzip/deflate body; its decoded size counts "
+        "against max_body_bytes."
+    )
+    ingest_max_body_reads: int = Field(
+        8, ge=1, description="Webhook bodies read, decoded and signature-checked at once (each may hold about "
+        "twice max_body_bytes); more wait up to produce_timeout_seconds, then 503."
+    )
+    ingest_body_read_timeout_seconds: float = Field(
+        60.0, gt=0, description="A body must have arrived this long after its headers, else 408: a slow sender "
+        "does not keep a read slot."
+    )
     produce_timeout_seconds: float = Field(10.0, gt=0)
     ingest_queue_max_kbytes: int = Field(
         64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."

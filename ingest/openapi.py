@@ -163,16 +163,20 @@ _DOCUMENT: dict[str, Any] = {
                                  _REQUEST_ID_HEADER),
                     "400": {"description": "Signed but invalid (bad JSON, schema, page range): InvalidPayload, and "
                                            "the raw request is kept in the rejected topic. Or a body that does not "
-                                           "decode with its Content-Encoding: Error.",
+                                           "decode with its Content-Encoding, or has bytes after the end of its "
+                                           "compressed stream: Error.",
                             "content": {"application/json": {"schema": {
                                 "anyOf": [_ref("InvalidPayload"), _ref("Error")]}}}},
                     "403": _json("Error", "Missing, malformed or wrong signature, or ts outside the window "
                                  "(reason says which, except for a wrong signature)."),
                     "404": _json("Error", "Unknown account."),
                     "405": _json("Error", "Only POST."),
-                    "413": _json("Error", "Body larger than the configured limit (default 16 MiB)."),
+                    "408": _json("Error", "The body did not arrive in time (default 60 s after the headers)."),
+                    "413": _json("Error", "Body larger than the configured limit (default 16 MiB), decoded or as "
+                                 "sent."),
                     "415": _json("Error", "Content-Type is not JSON."),
-                    "503": _json("Error", "Kafka did not acknowledge in time, or the local queue is full: retry.",
+                    "503": _json("Error", "Kafka did not acknowledge in time, the local queue is full, or every body "
+                                 "read slot is busy: retry.",
                                  {"Retry-After": {"schema": {"type": "integer"},
                                                   "description": "Seconds to wait before retrying."}}),
                 },
