@@ -99,8 +99,8 @@ class SignedFileHost:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         now = time.time()
-        for token, (_, expires) in list(self.files.items()):
-            if expires < now:
+        for token, (_, until) in list(self.files.items()):
+            if until < now:
                 del self.files[token]
         expires, sig = request.query.get("expires", ""), request.query.get("sig", "")
         if not well_formed(expires, sig):
