@@ -244,9 +244,10 @@ async def test_an_apply_outlasting_the_grace_is_cancelled_before_the_partition_i
     await old.stop()
     await new.stop()
 
-    assert world.cancelled == [("old", d1.delta_id)]
+    # before the fix: effects new:D1, new:D2, old:D1 and x stayed in the list
     assert world.effects == [("new", d1.delta_id), ("new", d2.delta_id)]
     assert world.members == set()  # D2 removed x, and nothing re-added it
+    assert world.cancelled == [("old", d1.delta_id)]
 
 
 async def test_an_apply_finishing_within_the_grace_is_committed_before_the_partition_is_given_up(
