@@ -76,7 +76,9 @@ class DeltaSink(Protocol):
     async def apply(self, delta: Delta) -> ChunkResult | None:
         """Apply one chunk. Return when it is applied (or dead-lettered by the sink itself);
         raise to stop the loop without committing, so the chunk is redone on restart.
-        May be called concurrently for chunks of different lists (and for chunks of one delta)."""
+        May be called concurrently for chunks of different lists (and for chunks of one delta).
+        May be cancelled (a rebalance past ``sink_revoke_grace_seconds``, or shutdown): the chunk is
+        then not committed and is applied again, by this or another replica."""
 
     async def close(self) -> None:
         """Release connections; called once after the loop ends."""
