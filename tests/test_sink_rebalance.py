@@ -125,6 +125,14 @@ class FakeConsumer:
             return []
         return self._run(step)
 
+    def lose(self, *partitions: int) -> asyncio.Event:
+        """The partitions were already given to another member (e.g. after a session timeout)."""
+        def step() -> list[FakeMessage]:
+            self.callbacks["on_lost"](self, [TopicPartition(TOPIC, p) for p in partitions])
+            self.assigned.difference_update(partitions)
+            return []
+        return self._run(step)
+
     def _run(self, step: Callable[[], list[FakeMessage]]) -> asyncio.Event:
         done = asyncio.Event()
 
@@ -293,3 +301,21 @@ async def test_cancelling_a_revoked_chunk_does_not_drop_other_partitions_queued_
     assert world.cancelled == [("old", d1.delta_id)]
     assert world.effects == [("old", d3.delta_id)]
     assert world.committed == {1: 1}  # partition 1 committed past D3; partition 0 not at all
+
+
+async def test_a_lost_partition_is_cancelled_at_once_and_not_committed(start_owner: Callable[..., Owner]) -> None:
+    """Lost partitions already have a new owner: waiting would only let the old apply overlap with it."""
+    world = World()
+    d1, d2 = delta(add=("x",)), delta(remove=("x",))
+    world.log[0] = [d1, d2]
+    old = start_owner("old", world, grace=3600.0, hold={d1.delta_id})
+    await wait(old.consumer.assign(0))
+    await wait(old.sink.started[d1.delta_id])
+
+    await wait(old.consumer.lose(0))  # returns without waiting for the grace
+    old.sink.gate.set()
+    await old.stop()
+
+    assert world.cancelled == [("old", d1.delta_id)]
+    assert world.effects == [] and world.committed == {}
+
