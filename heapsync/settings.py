@@ -204,6 +204,14 @@ class Settings(BaseSettings):
     sink_shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight chunks may finish before they are abandoned."
     )
+    sink_revoke_grace_seconds: float = Field(
+        5.0, ge=0, description="On a rebalance, how long the revoked partitions' in-flight chunks may finish before "
+        "they are cancelled and the partitions given up (well under the session and max-poll timeouts)."
+    )
+    sink_applied_max_chunks: int = Field(
+        500_000, ge=1, description="Most applied chunk keys kept in memory for repeat detection (the oldest go first; "
+        "keys also expire with the topic retention, as in the progress topic)."
+    )
     sink_bulk_threshold: int = Field(
         10_000, ge=1, description="Deltas with more operations than this go through a contact import."
     )
