@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SECRET = "bench-secret"
+SECRET = "bench-webhook-secret"
 ACCOUNT = "bench"
 
 

@@ -6,6 +6,7 @@ them through the environment (see README, "Settings").
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -19,6 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from heapsync.topics import Topics
 
 ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+MIN_SECRET_LENGTH = 16
+"""Shortest webhook secret the accounts file may hold (characters, leading/trailing spaces not counted).
+
+Anyone who knows or guesses a secret can sign any request for its account: an empty secret
+signs for everyone, a short one falls to a guess. Heap generates long random secrets.
+"""
 
 
 class AccountError(ValueError):
@@ -103,7 +111,41 @@ def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
                 f"{'.'.join(str(p) for p in e['loc']) or '(table)'}: {e['msg']}" for e in exc.errors()
             )
             raise AccountError(f"{source}: accounts.{account_id}: {problems}") from exc
+    check_secrets(accounts, source)
     return accounts
+
+
+def check_secrets(accounts: dict[str, Account], source: str = "<accounts>") -> None:
+    """Refuse short secrets, and a secret shared by two accounts.
+
+    The signature covers ``ts`` and the body, not the account: with a shared secret, a
+    request signed for one account is accepted on the other's URL. Errors name accounts
+    and positions, never the secret.
+    """
+    owner: dict[bytes, str] = {}
+    for account_id, account in accounts.items():
+        values = [s.get_secret_value() for s in account.heap_webhook_secrets]
+        for n, secret in enumerate(values, start=1):
+            where = f"{source}: accounts.{account_id}: heap_webhook_secrets entry {n} of {len(values)}"
+            if not secret.strip():
+                raise AccountError(f"{where} is empty")
+            if len(secret.strip()) < MIN_SECRET_LENGTH:
+                raise AccountError(f"{where} is too short: a webhook secret needs at least "
+                                   f"{MIN_SECRET_LENGTH} characters")
+            other = owner.setdefault(_hmac_key(secret.encode()), account_id)
+            if other != account_id:
+                raise AccountError(
+                    f"{source}: accounts {other!r} and {account_id!r} share a webhook secret: a request "
+                    f"signed for one would be accepted for the other; give each account its own secret")
+
+
+def _hmac_key(secret: bytes) -> bytes:
+    """The key HMAC-SHA256 really uses: a key over 64 bytes is hashed, a shorter one padded with zeros.
+
+    So ``k`` and ``k + b"\\0"``, or a long key and its SHA-256, sign alike and count as one secret.
+    """
+    key = hashlib.sha256(secret).digest() if len(secret) > 64 else secret
+    return key.rstrip(b"\0")
 
 
 def load_accounts(path: Path) -> dict[str, Account]:

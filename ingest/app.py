@@ -35,7 +35,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord
+from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord, signed_digest
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
@@ -124,14 +124,17 @@ def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes) -> bytes:
+def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes,
+                      signed_digest: str | None = None) -> bytes:
     """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
 
     Equal to ``PageRecord(...).model_dump_json()`` when read back, without
     re-serialising a body of thousands of ids (``tests/test_ingest_app.py`` checks it).
+    ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
     """
     head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
-                         "received_at": received_at, "replay_id": None})
+                         "received_at": received_at, "replay_id": None,
+                         **({"signed_digest": signed_digest} if signed_digest else {})})
     return head[:-1] + b',"payload":' + body + b"}"
 
 
@@ -501,7 +504,10 @@ class Ingress:
             await self._keep(request, outcome, account_id, request_id, received_at, body, reason, [], "unsupported_action")
             return json_response(200, {"status": "kept", "reason": "unsupported action_type", "request_id": request_id})
 
-        value = page_record_bytes(account_id, request_id, received_at, body)
+        # a drain is named by what is signed, so the same signed drain posted again is a repeat (issue 16 #3)
+        digest = (signed_digest(signature.parse_heap_hash(request.headers.get("Heap-Hash")).ts, body)
+                  if isinstance(payload, HeapDrain) else None)
+        value = page_record_bytes(account_id, request_id, received_at, body, digest)
         await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
             if payload.data.add:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from heapsync.contracts import MAX_TOTAL_PAGES
 from heapsync.settings import ACCOUNT_ID_PATTERN
 
 _REF = "#/components/schemas/"
@@ -57,8 +58,8 @@ SCHEMAS: dict[str, Any] = {
     "SyncInfo": {
         "type": "object", "required": ["page_number", "total_pages", "sync_task_id"], "additionalProperties": True,
         "description": "1 <= page_number <= total_pages.",
-        "properties": {"page_number": {"type": "integer", "minimum": 1},
-                       "total_pages": {"type": "integer", "minimum": 1},
+        "properties": {"page_number": {"type": "integer", "minimum": 1, "maximum": MAX_TOTAL_PAGES},
+                       "total_pages": {"type": "integer", "minimum": 1, "maximum": MAX_TOTAL_PAGES},
                        "sync_task_id": {**_NON_EMPTY, "description": "Usually a UUID; any non-empty string."}},
     },
     "Member": {

@@ -17,16 +17,16 @@ import contextlib
 import html
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from heapsync.settings import Settings
-from heapsync.topic_reader import TopicFollower
+from heapsync.topic_reader import Record, TopicFollower
 from processors import rules
 
 log = logging.getLogger("heapsync.status_page")
@@ -135,7 +135,7 @@ class StatusBoard:
         }
 
 
-def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
+def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: int = 0) -> str:
     """The page: plain HTML, no script, refreshes itself."""
     e = html.escape
     parts = [
@@ -150,6 +150,9 @@ def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
     ]
     if not started:
         parts.append("<p class='warn'>Starting to read the topics; refresh in a few seconds.</p>")
+    if reader_failures:
+        parts.append(f"<p class='bad'>Cannot read the topics ({reader_failures} broker errors in a row); retrying. "
+                     "What is shown may be out of date.</p>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
         parts.append("<p>No applied syncs yet.</p>")
@@ -188,16 +191,41 @@ def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
     return "".join(parts)
 
 
-class Tailer:
-    """Background reader of the progress and dead-letter topics into a :class:`StatusBoard`."""
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
-    def __init__(self, settings: Settings, board: StatusBoard) -> None:
+
+def retry_delay(failures: int, base: float = RETRY_BASE_SECONDS, cap: float = RETRY_MAX_SECONDS) -> float:
+    """Wait after the ``failures``-th broker error in a row: 1, 2, 4 ... seconds, never more than ``cap``."""
+    return min(cap, base * 2 ** min(max(failures, 1) - 1, 30))
+
+
+class Follower(Protocol):
+    def poll(self) -> list[Record]: ...
+    def close(self) -> None: ...
+
+
+class Tailer:
+    """Background reader of the progress and dead-letter topics into a :class:`StatusBoard`.
+
+    A broker error (down at start, a failing ``list_topics``) is retried with a bounded back-off,
+    one warning per attempt, for as long as the ingress runs: the page must keep updating once the
+    broker is back. The same follower is kept across errors, so nothing is counted twice.
+    """
+
+    def __init__(self, settings: Settings, board: StatusBoard, *,
+                 follower_factory: Callable[[str, Iterable[str]], Follower] = TopicFollower,
+                 retry_base_seconds: float = RETRY_BASE_SECONDS, retry_max_seconds: float = RETRY_MAX_SECONDS) -> None:
         self.settings = settings
         self.board = board
         self.task: asyncio.Task[None] | None = None
         t = settings.topics
         self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
                         t.sink_dlq: "sink"}
+        self.follower_factory = follower_factory
+        self.retry_base_seconds, self.retry_max_seconds = retry_base_seconds, retry_max_seconds
+        self.failures = 0
+        """Broker errors in a row; the page says so while it is not 0."""
 
     def ensure_started(self) -> bool:
         if self.task is None:
@@ -207,18 +235,30 @@ class Tailer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        follower = TopicFollower(self.settings.kafka_bootstrap, self.sources)
+        follower: Follower | None = None
         try:
             while True:
-                for record in await loop.run_in_executor(None, follower.poll):
+                try:
+                    if follower is None:
+                        follower = self.follower_factory(self.settings.kafka_bootstrap, self.sources)
+                    records = await loop.run_in_executor(None, follower.poll)
+                except Exception as exc:  # noqa: BLE001 - the page must never take the ingress down
+                    self.failures += 1
+                    delay = retry_delay(self.failures, self.retry_base_seconds, self.retry_max_seconds)
+                    log.warning("status page reader: cannot read the topics; retrying",
+                                extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                                       "failures": self.failures, "retry_in_seconds": delay})
+                    await asyncio.sleep(delay)
+                    continue
+                if self.failures:
+                    log.info("status page reader: reading again", extra={"failures": self.failures})
+                    self.failures = 0
+                for record in records:
                     if record.value is not None:
                         self._feed(record.topic, record.value, record.timestamp_ms)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the page must never take the ingress down
-            log.exception("status page reader stopped")
         finally:
-            await loop.run_in_executor(None, follower.close)
+            if follower is not None:
+                await loop.run_in_executor(None, follower.close)
 
     def _feed(self, topic: str, value: bytes, timestamp_ms: int) -> None:
         try:
@@ -228,10 +268,13 @@ class Tailer:
         if not isinstance(doc, dict):
             return
         source = self.sources[topic]
-        if source == "progress":
-            self.board.on_applied(doc)
-        else:
-            self.board.on_dead_letter(source, doc, timestamp_ms)
+        try:
+            if source == "progress":
+                self.board.on_applied(doc)
+            else:
+                self.board.on_dead_letter(source, doc, timestamp_ms)
+        except Exception:  # noqa: BLE001 - one odd record is skipped, it must not stop the reader
+            log.exception("status page reader: record skipped", extra={"topic": topic})
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -250,11 +293,12 @@ def add_status_routes(app: web.Application, settings: Settings) -> None:
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.Response(text=render_html(board.snapshot(), started=started), content_type="text/html")
+        return web.Response(text=render_html(board.snapshot(), started=started, reader_failures=tailer.failures),
+                            content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.json_response({**board.snapshot(), "reading": started},
+        return web.json_response({**board.snapshot(), "reading": started, "reader_failures": tailer.failures},
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

@@ -250,8 +250,10 @@ class Assembler:
             self._running[skey] = None
 
     def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float,
-                 replay_id: str | None = None) -> Step:
-        skey = rules.sync_key(account, "drain", request_id, replay_id)
+                 replay_id: str | None = None, signed_digest: str | None = None) -> Step:
+        """A drain, named by ``signed_digest`` when the record has it (else ``request_id``): a repeat
+        of the same signed drain, open or already emitted, is counted and makes no second delta."""
+        skey = rules.sync_key(account, "drain", rules.drain_identity(request_id, signed_digest), replay_id)
         seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
         if skey in self.done or skey in self.syncs:
@@ -263,7 +265,7 @@ class Assembler:
         self.syncs[skey] = {
             "account": account,
             "kind": "drain",
-            "ref": rules.drain_ref(request_id),
+            "ref": rules.drain_ref(request_id, signed_digest),
             "replay_id": replay_id,
             "segment": seg,
             "segment_id": payload.data.segment.id,

@@ -185,7 +185,8 @@ def create_app(settings: Settings) -> faust.App:
             return step
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
-                                      partition=partition, now=time.time(), replay_id=record.replay_id)
+                                      partition=partition, now=time.time(), replay_id=record.replay_id,
+                                      signed_digest=record.signed_digest)
         # The ingress sends unknown action types to the rejected topic; never drop one silently here.
         log.error("pages record with an unknown action type; dead-lettered",
                   extra={"partition": partition, "action_type": payload.action_type})

@@ -90,7 +90,7 @@ class Pipeline:
     procs: list[Proc] = field(default_factory=list)
     ingest_port: int = field(default_factory=free_port)
     sim_port: int = field(default_factory=free_port)
-    secret: str = "test-secret"
+    secret: str = "test-webhook-secret"
     cordial_key: str = "test-cordial-key"
     extra_env: dict[str, str] = field(default_factory=dict)
 

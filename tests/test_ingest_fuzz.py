@@ -27,6 +27,7 @@ from tests.ingest_support import raw_request
 pytestmark = pytest.mark.integration
 
 MAX_EXAMPLES = 500
+FUZZ_SECRET = "fuzz-webhook-secret"
 
 header_text = st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " ", max_size=80)
 json_values = st.recursive(
@@ -91,7 +92,7 @@ def requests(draw: Any) -> tuple[str, str, bytes, dict[str, str]]:
     now = int(time.time() * 1000)
     if signing in ("good", "good-hex", "stale"):
         ts = now - 10_000_000 if signing == "stale" else now
-        headers["Heap-Hash"] = heap_hash_header(b"fuzz-secret", ts, body, "hex" if signing == "good-hex" else "base64")
+        headers["Heap-Hash"] = heap_hash_header(FUZZ_SECRET.encode(), ts, body, "hex" if signing == "good-hex" else "base64")
     elif signing == "wrong":
         headers["Heap-Hash"] = heap_hash_header(b"other", now, body)
     elif signing == "junk":
@@ -107,7 +108,7 @@ def requests(draw: Any) -> tuple[str, str, bytes, dict[str, str]]:
 
 
 def test_fuzzed_requests_never_get_a_5xx_and_errors_are_json(pipeline: Pipeline) -> None:
-    pipeline.secret = "fuzz-secret"
+    pipeline.secret = FUZZ_SECRET
     pipeline.start_ingest()
     port = pipeline.ingest_port
     seen: dict[int, int] = {}

@@ -26,7 +26,7 @@ def two_accounts(pipeline: Pipeline) -> None:
         f'cordial_api_key = "{pipeline.cordial_key}"\n'
         f'cordial_base_url = "{pipeline.sim_url}/v2"\n'
         "[accounts.beta]\n"
-        'heap_webhook_secrets = ["other-secret"]\n'
+        'heap_webhook_secrets = ["beta-webhook-secret"]\n'
         'cordial_api_key = "beta-key"\n'
         f'cordial_base_url = "{pipeline.sim_url}/v2"\n'
     )
