@@ -397,9 +397,17 @@ def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000
     """What to produce for these entries, and each entry's outcome.
 
     ``stale``: entry id -> why re-driving it may apply older data over newer (:func:`newer_syncs`).
-    Such an entry is refused, unless ``force``, which re-drives it with a warning.
+    Such an entry is refused, unless ``force``, which re-drives it with a warning. Sync content is
+    re-driven oldest sync first: dead letters are keyed by sync, so two syncs of one segment may
+    sit on different partitions and be read in either order.
     """
     plan = Plan()
+
+    def age(entry: Entry) -> float:
+        ref = sync_ref(entry)
+        return float("-inf") if ref is None else (ref.emitted_at or entry.record.timestamp_ms / 1000)
+
+    entries = sorted(entries, key=age)  # stable: everything but sync content keeps its order
 
     def settle(entry: Entry, result: Output | list[Output] | str) -> None:
         if isinstance(result, str):

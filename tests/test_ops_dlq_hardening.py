@@ -165,7 +165,7 @@ def late_page(at: float | None, *, offset: int = 3, task: str = "s1") -> dlq.Ent
 def test_a_late_page_is_stale_once_a_newer_sync_of_its_segment_was_emitted() -> None:
     entry = late_page(100.0)
     ref = dlq.sync_ref(entry)
-    assert ref == dlq.SyncRef("acme", "15225086", "s1", 100.0)
+    assert ref == dlq.SyncRef("acme", "15225086", "s1", 100.0) and ref is not None
     deltas = [
         delta_rec("s0", 50.0),                           # older: before s1 went out
         delta_rec("s1", 100.2),                          # s1's own partial delta
@@ -175,15 +175,15 @@ def test_a_late_page_is_stale_once_a_newer_sync_of_its_segment_was_emitted() -> 
         delta_rec("s2", 200.0, remove=["x@x.io"], offset=1),  # newer: removed x
         delta_rec("s2", 200.0, offset=2),                # its second chunk: one sync, named once
     ]
-    [(entry_id, verdict)] = dlq.newer_syncs({entry.id: ref}, deltas).items()  # type: ignore[dict-item]
+    [(entry_id, verdict)] = dlq.newer_syncs({entry.id: ref}, deltas).items()
     assert verdict.since == 100.0 and len(verdict.newer) == 1 and verdict.newer[0].startswith("sync s2 at ")
-    problem = verdict.problem(ref)  # type: ignore[arg-type]
+    problem = verdict.problem(ref)
     assert problem is not None and "segment 15225086 had 1 newer sync(s)" in problem and "sync s2" in problem
     # and a drain counts: it cleared the list after s1
-    drained = dlq.newer_syncs({entry.id: ref}, [delta_rec(None, 300.0, kind="drain")])  # type: ignore[dict-item]
+    drained = dlq.newer_syncs({entry.id: ref}, [delta_rec(None, 300.0, kind="drain")])
     assert drained[entry.id].newer[0].startswith("a drain at ")
     # nothing newer: fine to re-drive
-    assert dlq.newer_syncs({entry.id: ref}, deltas[:5])[entry.id].problem(ref) is None  # type: ignore[dict-item,arg-type]
+    assert dlq.newer_syncs({entry.id: ref}, deltas[:5])[entry.id].problem(ref) is None
 
 
 def test_an_old_entry_is_dated_by_its_syncs_first_delta_or_refused_when_it_cannot_be() -> None:
@@ -253,3 +253,17 @@ def test_a_rejected_body_cut_when_kept_is_refused_even_if_what_is_left_parses() 
     assert plan.outputs == []
     [(outcome, detail)] = plan.outcomes.values()
     assert outcome == "failed" and "cut to fit a record" in detail
+
+
+def test_timed_out_syncs_of_one_segment_are_redriven_oldest_first_whatever_the_read_order() -> None:
+    def timed_out(task: str, at: float, partition: int) -> dlq.Entry:
+        return dlq.parse_entry("assembler", Record("p.deltas.dlq", partition, 0, 1_000, b"k", orjson.dumps({
+            "reason": "sync timed out with pages missing", "sync": f"acme|sync||{task}", "account": "acme",
+            "sync_task_id": task, "segment_id": "15225086", "segment_name": "Heap Test Segment",
+            "identity_field": "email", "total_pages": 2, "missing_pages": [2], "sync_emitted_at": at,
+            "pages": {"1": {"add": [] if task == "new" else ["x@x.io"], "remove": ["x@x.io"] if task == "new" else []}},
+        })))
+
+    newer, older = timed_out("new", 200.0, 0), timed_out("old", 100.0, 1)  # read newer first (partition 0)
+    plan = dlq.plan_redrive([newer, older], "r1")
+    assert [Delta.model_validate_json(o.value).sync_task_id for o in plan.outputs] == ["old", "new"]
