@@ -350,7 +350,9 @@ def dlq_show(entry_id: str) -> None:
 @_dlq_account
 @_dlq_reason
 @click.option("--id", "ids", multiple=True, help="Only these entries (repeatable).")
-@click.option("--force", is_flag=True, help="Also entries already re-driven.")
+@click.option("--force", is_flag=True,
+              help="Also entries already re-driven, and sync content whose segment had a newer sync since "
+                   "(refused otherwise: it would put older data over newer).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be re-driven.")
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -366,6 +368,8 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
     if ids:
         entries = [e for e in entries if e.id in set(ids)]
     report = redrive(settings, entries, marks, replay_id=new_replay_id(), force=force, dry_run=dry_run)
+    for warning in report.warnings:  # stderr, also with --json: a forced stale re-drive must not pass unnoticed
+        click.echo(f"WARNING: {warning}", err=True)
     if as_json:
         _echo_json(report.as_json())
     else:

@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = Field(3600.0, gt=0)
     partial_policy: Literal["emit", "dead-letter"] = "emit"
     delta_chunk_size: int = Field(5000, ge=1)
+    dead_letter_part_bytes: int = Field(
+        1_000_000, ge=16_384, le=16 * 1024 * 1024 - 65_536,
+        description="Largest assembler dead-letter record; a larger dead letter is split into parts (heapsync/dlq_parts.py)."
+    )
     processor_recovery_consistency_check: bool = Field(
         True, description="Faust's check that local RocksDB state is not ahead of its changelog. Tansu reports a "
         "partition's end as the first offset of its last batch, which trips the check after a restart: off on Tansu."

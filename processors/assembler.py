@@ -33,6 +33,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
+import orjson
+
+from heapsync import dlq_parts
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from processors import rules
 
@@ -63,6 +66,13 @@ class DeadLetter:
     reason: str
     sync_key: str
     detail: dict[str, Any]
+
+    def records(self, max_bytes: int = dlq_parts.PART_MAX_BYTES) -> list[tuple[bytes, bytes]]:
+        """``(key, value)`` records for the dead-letter topic, none over ``max_bytes``: a dead letter
+        too large for one record (a timed-out sync of many big pages) is split, not refused by the
+        broker, which would stall the partition (see ``heapsync/dlq_parts.py``)."""
+        value = orjson.dumps({"reason": self.reason, "sync": self.sync_key, **self.detail})
+        return dlq_parts.split(dlq_parts.record_key(self.sync_key), value, max_bytes)
 
 
 @dataclass
@@ -387,13 +397,18 @@ class Assembler:
         self.counters.late_pages += 1
         log.warning("page arrived after its sync was emitted without it; dead-lettered",
                     extra={"sync": skey, "page": page})
+        # Counts only: the shell adds the whole pages record (what a re-drive needs), and the ids
+        # once more here would double the dead letter. ``sync_emitted_at`` is when the sync went
+        # out without this page: `heapsync dlq redrive` refuses it if a newer sync of the
+        # segment was emitted since.
         return Step(segments=[seg], dead_letters=[DeadLetter("late page for an emitted sync", skey, {
             "page_number": page,
             "total_pages": payload.data.sync_info.total_pages,
             "sync_task_id": payload.data.sync_info.sync_task_id,
             "segment_id": payload.data.segment.id,
             "segment_name": payload.data.segment.name,
-            "add": list(changes.add), "remove": list(changes.remove),
+            "adds": len(changes.add), "removes": len(changes.remove),
+            "sync_emitted_at": finished.get("at"),
         })])
 
     def _count_repeat(self, skey: str, page: int, first_digest: str, new_digest: str) -> None:
@@ -480,6 +495,7 @@ class Assembler:
             letter = DeadLetter("sync timed out with pages missing", skey, {
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
+                "sync_emitted_at": now,
             })
             return Emission(skey, seg, False, [], letter, done_value, sorted(stored), meta.get("partition", 0))
         done_value["outcome"] = "delta"

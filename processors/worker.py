@@ -117,9 +117,9 @@ def create_app(settings: Settings) -> faust.App:
     exporter = metrics.Exporter()
 
     async def send_dead_letters(letters: list[DeadLetter]) -> None:
-        futures = [await dlq_topic.send(key=d.sync_key.encode(),
-                                        value=orjson.dumps({"reason": d.reason, "sync": d.sync_key, **d.detail}))
-                   for d in letters]
+        # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
+        futures = [await dlq_topic.send(key=key, value=value)
+                   for d in letters for key, value in d.records(settings.dead_letter_part_bytes)]
         if futures:
             await asyncio.gather(*futures)
 
