@@ -105,6 +105,9 @@ class StatusBoard:
     def on_dead_letter(self, source: str, doc: dict[str, Any], timestamp_ms: int) -> None:
         """One record from a dead-letter topic (rejected, assembler or sink)."""
         self.records += 1
+        split = doc.get("split")
+        if isinstance(split, dict) and split.get("part") != 1:
+            return  # a dead letter written in parts (heapsync/dlq_parts.py) counts once, by its first part
         account = doc.get("account") if isinstance(doc.get("account"), str) else None
         list_name = doc.get("list_name") if isinstance(doc.get("list_name"), str) else None
         if isinstance(doc.get("delta"), dict):

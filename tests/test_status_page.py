@@ -13,11 +13,13 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from heapsync.broker import EmbeddedBroker, free_port
 from heapsync.contracts import AppliedChunk, RejectedRecord
+from heapsync.dlq_parts import split
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, TopicFollower
@@ -57,6 +59,18 @@ def test_board_shows_progress_per_sink_adds_removes_and_failures_without_user_id
     page = render_html(snap)
     assert "acme / HeapTestSegment" in page and "replay r9" in page
     assert "secret.person" not in page
+
+
+def test_a_dead_letter_written_in_parts_counts_once() -> None:
+    doc = {"reason": "sync timed out with pages missing", "sync": "acme|s7", "segment_name": "Big Segment",
+           "missing_pages": list(range(20_000))}
+    records = split(b"acme|s7", orjson.dumps(doc), 16_384)
+    assert len(records) > 1
+    board = StatusBoard()
+    for _key, value in records:
+        board.on_dead_letter("assembler", orjson.loads(value), 1_790_000_000_000)
+    snap = board.snapshot()
+    assert snap["failure_counts"] == {"assembler: sync timed out with pages missing": 1}
 
 
 def test_page_escapes_names() -> None:
