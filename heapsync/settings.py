@@ -106,6 +106,14 @@ def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
     return accounts
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """``HEAPSYNC_<NAME>: <problem>`` for each invalid setting, on one line, without the values (they may be secrets)."""
+    return "; ".join(
+        f"{'HEAPSYNC_' + str(e['loc'][0]).upper() if e['loc'] else '(settings)'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
+
+
 def load_accounts(path: Path) -> dict[str, Account]:
     try:
         text = path.read_text()
