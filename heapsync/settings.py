@@ -137,6 +137,10 @@ class Settings(BaseSettings):
     # ingest
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 8080
+    admin_host: str = Field("127.0.0.1", description="Where the ingress serves /metrics, /status and /openapi.json.")
+    admin_port: int | None = Field(
+        8090, ge=0, le=65535, description="Port of the ingress's admin listener; 0 or empty turns it off."
+    )
     signature_max_age_seconds: float = Field(
         3600.0, gt=0, description="How old a Heap-Hash ts may be; generous so Heap's retries pass."
     )
@@ -241,6 +245,11 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."
     )
+
+    @field_validator("admin_port", mode="before")
+    @classmethod
+    def _off_when_empty(cls, v: object) -> object:
+        return None if v in ("", 0, "0") else v
 
     @cached_property
     def topics(self) -> Topics:

@@ -20,7 +20,7 @@ from heapsync.kafka import ensure_topics
 from heapsync.producer import ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics
-from ingest.app import INGRESS_KEY, create_app
+from ingest.app import INGRESS_KEY, create_admin_app, create_app
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -50,7 +50,35 @@ def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
 
     app.on_shutdown.append(start_draining)
     app.on_cleanup.append(close_producer)
+    if settings.admin_port:
+        add_admin_listener(app, settings)
     return app
+
+
+def add_admin_listener(app: web.Application, settings: Settings) -> None:
+    """Serve the admin app (``ingest.app.create_admin_app``) on its own address, started and stopped with ``app``.
+
+    The public port then carries only what Heap and a load balancer need; metrics, the status
+    page and the OpenAPI document stay on an address the operator chooses (loopback by default).
+    """
+    runner = web.AppRunner(create_admin_app(settings, app[INGRESS_KEY]), access_log=None)
+
+    async def start_admin(_: web.Application) -> None:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+        except OSError as exc:
+            log.error("admin listener cannot start (HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT)",
+                      extra={"host": settings.admin_host, "port": settings.admin_port, "error": str(exc)})
+            await runner.cleanup()
+            raise
+        log.info("admin listener", extra={"host": settings.admin_host, "port": settings.admin_port})
+
+    async def stop_admin(_: web.Application) -> None:
+        await runner.cleanup()
+
+    app.on_startup.append(start_admin)
+    app.on_cleanup.append(stop_admin)
 
 
 def tune_gc() -> None:

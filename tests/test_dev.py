@@ -46,11 +46,11 @@ def test_dev_broker_takes_the_configured_port_when_it_is_free() -> None:
 
 
 def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
-    port, sim_port = free_port(), free_port()
+    port, sim_port, admin_port = free_port(), free_port(), free_port()
     bootstrap = f"127.0.0.1:{free_port()}"
     # the broker goes where the settings point, so operator commands in another shell find it
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")},
-           "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap}
+           "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap, "HEAPSYNC_ADMIN_PORT": str(admin_port)}
     out = tmp_path / "dev.out"
     dev = subprocess.Popen([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(port), "--sim-port", str(sim_port)],
                            cwd=tmp_path, env=env, stdout=open(out, "wb"), stderr=subprocess.STDOUT,
@@ -64,6 +64,10 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
         assert "demo account id:    demo" in text and "demo webhook secret:" in text
         assert f"http://127.0.0.1:{sim_port}/_sim/lists" in text
         assert f"broker (Tansu):     {bootstrap}" in text
+        assert f"webhook:            http://127.0.0.1:{port}/heap/listMembership/<accountId>" in text
+        assert f"admin:              http://127.0.0.1:{admin_port}/status" in text  # both addresses printed
+        assert http("GET", f"http://127.0.0.1:{admin_port}/status.json").status == 200
+        assert http("GET", f"http://127.0.0.1:{port}/status.json").status == 404
 
         sample = subprocess.run(
             [sys.executable, "-m", "heapsync.cli", "send-sample", "--url",
