@@ -243,7 +243,8 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     metrics_port: int | None = Field(
-        None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."
+        None, description="Serve Prometheus /metrics on this port (processor and sinks; the ingress serves its own on the "
+        "admin listener)."
     )
 
     @field_validator("admin_port", mode="before")
