@@ -144,7 +144,8 @@ def test_schemathesis_finds_the_ingress_true_to_its_openapi_document(pipeline: P
     st = Path(sys.executable).parent / "st"
     result = subprocess.run(
         [str(st), "--config-file", str(config), "run", f"http://127.0.0.1:{pipeline.admin_port}/openapi.json",
-         "--url", f"http://127.0.0.1:{pipeline.ingest_port}", "--checks", "all", "--max-examples", "40", "--request-timeout", "20", "--seed", "1"],
+         "--url", f"http://127.0.0.1:{pipeline.ingest_port}",  # the document is on the admin port; the API is not
+         "--checks", "all", "--max-examples", "40", "--request-timeout", "20", "--seed", "1"],
         capture_output=True, text=True, timeout=240, env={**os.environ, "NO_COLOR": "1"},
         cwd=tmp_path,  # its working files stay out of the repository
     )
