@@ -68,10 +68,9 @@ def add_admin_listener(app: web.Application, settings: Settings) -> None:
         try:
             await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
         except OSError as exc:
-            log.error("admin listener cannot start (HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT)",
-                      extra={"host": settings.admin_host, "port": settings.admin_port, "error": str(exc)})
             await runner.cleanup()
-            raise
+            raise OSError(exc.errno, f"admin listener cannot start (HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT): "
+                                     f"{exc.strerror or exc}") from exc
         log.info("admin listener", extra={"host": settings.admin_host, "port": settings.admin_port})
 
     async def stop_admin(_: web.Application) -> None:
@@ -122,9 +121,13 @@ def run(settings: Settings, accounts: dict[str, Account]) -> None:
     log.info("ingress listening", extra={"host": settings.ingest_host, "port": settings.ingest_port,
                                         "accounts": len(accounts)})
     # in-flight requests wait at most the produce timeout; give them that plus a margin
-    web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None, loop=event_loop(),
-                shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
-                lingering_time=LINGERING_SECONDS, handle_signals=True,
-                # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
-                auto_decompress=False)
+    try:
+        web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None, loop=event_loop(),
+                    shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
+                    lingering_time=LINGERING_SECONDS, handle_signals=True,
+                    # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
+                    auto_decompress=False)
+    except OSError as exc:  # an address taken or not ours (public or admin): one log line naming it, exit 1
+        log.error("ingress cannot start", extra={"error": str(exc)})
+        raise SystemExit(1) from None
     log.info("ingress stopped")

@@ -109,3 +109,22 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path) -> None:
     while processes_in(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_in(tmp_path) == []
+
+
+def test_dev_stops_with_the_reason_when_a_stage_cannot_start(tmp_path: Path) -> None:
+    """A stage that exits while `heapsync dev` waits for its port: one line with its last log line,
+    not a 30 s wait and a traceback; nothing left running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")},
+               "HEAPSYNC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+               "HEAPSYNC_ADMIN_PORT": str(taken.getsockname()[1])}
+        result = subprocess.run([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(free_port()),
+                                 "--sim-port", str(free_port())], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("stopping: ")]
+    assert "ingest exited" in line and "admin listener cannot start" in line
+    assert processes_in(tmp_path) == []
