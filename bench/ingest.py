@@ -288,7 +288,9 @@ def bench(quick: bool = False, only: str | None = None) -> list[dict[str, Any]]:
         accounts.write_text(f'[accounts.{ACCOUNT}]\nheap_webhook_secrets = ["{SECRET}"]\ncordial_api_key = "x"\n')
         prefix = f"bench{uuid.uuid4().hex[:6]}"
         env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": broker.bootstrap, "HEAPSYNC_TOPIC_PREFIX": prefix,
-               "HEAPSYNC_ACCOUNTS_FILE": str(accounts), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+               "HEAPSYNC_ACCOUNTS_FILE": str(accounts), "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+               # each ingress on its own admin port, off the default a `make run` may hold
+               "HEAPSYNC_ADMIN_PORT": str(free_port())}
         ensure_topics(Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=prefix))
         for case in cases:
             bare_port, ingest_port = free_port(), free_port()

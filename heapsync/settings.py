@@ -148,6 +148,14 @@ def _hmac_key(secret: bytes) -> bytes:
     return key.rstrip(b"\0")
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """``HEAPSYNC_<NAME>: <problem>`` for each invalid setting, on one line, without the values (they may be secrets)."""
+    return "; ".join(
+        f"{'HEAPSYNC_' + str(e['loc'][0]).upper() if e['loc'] else '(settings)'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
+
+
 def load_accounts(path: Path) -> dict[str, Account]:
     try:
         text = path.read_text()
@@ -171,6 +179,10 @@ class Settings(BaseSettings):
     # ingest
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 8080
+    admin_host: str = Field("127.0.0.1", description="Where the ingress serves /metrics, /status and /openapi.json.")
+    admin_port: int | None = Field(
+        8090, ge=0, le=65535, description="Port of the ingress's admin listener; 0 or empty turns it off."
+    )
     signature_max_age_seconds: float = Field(
         3600.0, gt=0, description="How old a Heap-Hash ts may be; generous so Heap's retries pass."
     )
@@ -285,8 +297,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     metrics_port: int | None = Field(
-        None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."
+        None, description="Serve Prometheus /metrics on this port (processor and sinks; the ingress serves its own on the "
+        "admin listener)."
     )
+
+    @field_validator("admin_port", mode="before")
+    @classmethod
+    def _off_when_empty(cls, v: object) -> object:
+        return None if v in ("", 0, "0") else v
 
     @cached_property
     def topics(self) -> Topics:

@@ -679,14 +679,29 @@ def _latency_histogram(route: str) -> Any:
 INGRESS_KEY = web.AppKey("ingress", Ingress)
 
 
+PUBLIC_ROUTES = (WEBHOOK_PATH, "/healthz", "/readyz")
+"""All the public port serves: Heap's webhook and the probes a load balancer needs."""
+ADMIN_ROUTES = ("/metrics", "/openapi.json", "/status", "/status.json")
+"""Served on the admin listener only (HEAPSYNC_ADMIN_HOST, default loopback): never on the webhook's port."""
+
+
 def create_app(settings: Settings, accounts: dict[str, Account], producers: ResilientProducer) -> web.Application:
+    """The public app: the webhook, /healthz and /readyz; nothing else answers there but a JSON 404."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
     ingress = Ingress(settings, accounts, producers)
     app[INGRESS_KEY] = ingress
     app.router.add_post(WEBHOOK_PATH, ingress.receive)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
+    return app
+
+
+def create_admin_app(settings: Settings, ingress: Ingress) -> web.Application:
+    """The admin app of the same process: metrics, the OpenAPI document, the status page, and the probes."""
+    app = web.Application(middlewares=[observe])
     app.router.add_get("/metrics", ingress.metrics)
     app.router.add_get("/openapi.json", ingress.openapi)
+    app.router.add_get("/healthz", ingress.healthz)
+    app.router.add_get("/readyz", ingress.readyz)
     add_status_routes(app, settings)
     return app

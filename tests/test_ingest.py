@@ -132,7 +132,7 @@ def test_health_readiness_metrics_openapi_and_logs(pipeline: Pipeline) -> None:
     assert raw_request(port, "GET", "/healthz").json == {"status": "ok"}
     ready = raw_request(port, "GET", "/readyz")
     assert ready.status == 200 and ready.json["status"] == "ready"
-    doc = raw_request(port, "GET", "/openapi.json")
+    doc = raw_request(pipeline.admin_port, "GET", "/openapi.json")  # the admin listener, not the webhook's port
     assert doc.status == 200 and "/heap/listMembership/{account_id}" in doc.json["paths"]
 
     page = body_of(heap_request("m", 1, 1, add=["secret-user@example.com", "b@example.com"], remove=["c@x.io"]))
@@ -142,7 +142,7 @@ def test_health_readiness_metrics_openapi_and_logs(pipeline: Pipeline) -> None:
     big = body_of(heap_request("big", 1, 1, add=[f"user{i}@example.com" for i in range(12_000)]))
     assert raw_request(port, "POST", PATH, big, signed_headers(secret, big)).status == 200
 
-    text = raw_request(port, "GET", "/metrics").raw.decode()
+    text = raw_request(pipeline.admin_port, "GET", "/metrics").raw.decode()
     route = 'route="/heap/listMembership/{account_id}"'
     assert f'heapsync_ingest_requests_total{{{route},status="200"}} 2.0' in text
     assert f'heapsync_ingest_requests_total{{{route},status="403"}} 1.0' in text
@@ -235,7 +235,7 @@ def test_odd_header_bytes_are_kept_and_unsigned_bombs_are_never_read(pipeline: P
     port, secret = pipeline.ingest_port, pipeline.secret
 
     def bodies_read() -> str:
-        text = raw_request(port, "GET", "/metrics").raw.decode()
+        text = raw_request(pipeline.admin_port, "GET", "/metrics").raw.decode()
         return next(line for line in text.splitlines() if line.startswith("heapsync_ingest_body_bytes_count"))
 
     # http.client sends str header values as Latin-1: the byte \xe9, not UTF-8

@@ -111,8 +111,11 @@ async def raw_post(port: int, headers: Iterable[tuple[bytes, bytes]], body: byte
 
 
 async def metric(port: int, name: str) -> float:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        text = await resp.text()
+    """``name`` as /metrics shows it; the test server runs in this process, so read its registry
+    (/metrics itself is on the admin listener, tests/test_admin_listener.py)."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    text = generate_latest(REGISTRY).decode()
     found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
 

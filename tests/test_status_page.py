@@ -230,7 +230,7 @@ def test_status_page_in_headless_chromium(pipeline: Pipeline, tmp_path: Path) ->
     producer.flush(10)
 
     pipeline.start_ingest()
-    base = f"http://127.0.0.1:{pipeline.ingest_port}"
+    base = f"http://127.0.0.1:{pipeline.admin_port}"  # the ingress's admin listener
     deadline = time.monotonic() + 60
     snap: dict = {}
     while time.monotonic() < deadline:
