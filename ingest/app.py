@@ -39,7 +39,7 @@ from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, R
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
-from ingest.status_page import add_status_routes
+from ingest.status_page import TAILER_KEY, add_status_routes
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -591,6 +591,9 @@ class Ingress:
         return json_response(200, {"status": "ready", "topics": wanted})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        tailer = request.app.get(TAILER_KEY)
+        if tailer is not None:  # the gauges for alerts come from the status reader: a scrape starts it
+            tailer.ensure_started()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:

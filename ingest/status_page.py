@@ -27,6 +27,7 @@ from aiohttp import web
 
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, TopicFollower
+from ingest.ops_metrics import OpsView, attach
 from processors import rules
 
 log = logging.getLogger("heapsync.status_page")
@@ -218,13 +219,17 @@ class Tailer:
 
     def __init__(self, settings: Settings, board: StatusBoard, *,
                  follower_factory: Callable[[str, Iterable[str]], Follower] = TopicFollower,
-                 retry_base_seconds: float = RETRY_BASE_SECONDS, retry_max_seconds: float = RETRY_MAX_SECONDS) -> None:
+                 retry_base_seconds: float = RETRY_BASE_SECONDS, retry_max_seconds: float = RETRY_MAX_SECONDS,
+                 ops: OpsView | None = None) -> None:
         self.settings = settings
         self.board = board
+        self.ops = ops
         self.task: asyncio.Task[None] | None = None
         t = settings.topics
         self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
                         t.sink_dlq: "sink"}
+        if ops is not None:
+            self.sources[t.dlq_redrive] = "marks"  # dead letters re-driven: not pending any more
         self.follower_factory = follower_factory
         self.retry_base_seconds, self.retry_max_seconds = retry_base_seconds, retry_max_seconds
         self.failures = 0
@@ -257,13 +262,23 @@ class Tailer:
                     log.info("status page reader: reading again", extra={"failures": self.failures})
                     self.failures = 0
                 for record in records:
-                    if record.value is not None:
-                        self._feed(record.topic, record.value, record.timestamp_ms)
+                    if self.ops is not None and self.sources.get(record.topic) == "marks":
+                        self._feed_mark(record)
+                    elif record.value is not None:
+                        self._feed(record.topic, record.value, record.timestamp_ms, record.partition, record.offset)
         finally:
             if follower is not None:
                 await loop.run_in_executor(None, follower.close)
 
-    def _feed(self, topic: str, value: bytes, timestamp_ms: int) -> None:
+    def _feed_mark(self, record: Record) -> None:
+        assert self.ops is not None
+        try:
+            doc = orjson.loads(record.value) if record.value is not None else None
+        except orjson.JSONDecodeError:
+            return
+        self.ops.on_mark(record.key, doc if isinstance(doc, dict) or doc is None else {})
+
+    def _feed(self, topic: str, value: bytes, timestamp_ms: int, partition: int = 0, offset: int = -1) -> None:
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -274,8 +289,12 @@ class Tailer:
         try:
             if source == "progress":
                 self.board.on_applied(doc)
+                if self.ops is not None:
+                    self.ops.on_applied(doc, timestamp_ms)
             else:
                 self.board.on_dead_letter(source, doc, timestamp_ms)
+                if self.ops is not None:
+                    self.ops.on_dead_letter(source, topic, partition, offset, doc)
         except Exception:  # noqa: BLE001 - one odd record is skipped, it must not stop the reader
             log.exception("status page reader: record skipped", extra={"topic": topic})
 
@@ -286,13 +305,19 @@ class Tailer:
                 await self.task
 
 
+TAILER_KEY = web.AppKey("status_tailer", Tailer)
+
+
 def add_status_routes(app: web.Application, settings: Settings) -> None:
     """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app."""
     if not settings.status_page_enabled:
         return
     board = StatusBoard(recent=settings.status_page_recent)
-    tailer = Tailer(settings, board)
+    ops = OpsView()
+    tailer = Tailer(settings, board, ops=ops)
     app[BOARD_KEY] = board
+    app[TAILER_KEY] = tailer
+    attach(ops, lambda: tailer.failures)  # /metrics reports it (ingest/ops_metrics.py)
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()

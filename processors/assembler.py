@@ -82,6 +82,8 @@ class Step:
     segments: list[str] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     open_syncs: int | None = None
+    oldest_open_seconds: float | None = None
+    """On a tick: age of the partition's oldest open sync (0 when none is open)."""
 
 
 @dataclass
@@ -300,8 +302,16 @@ class Assembler:
         if now is not None:
             self._prune_done(partition, now)
         segs = [k for k, v in list(self.segments.items()) if v is not None and v["p"] == partition]
-        open_syncs = sum(len(self.segments[k]["q"]) for k in segs)
-        return Step(segments=segs, open_syncs=open_syncs)
+        queues = [self.segments[k]["q"] for k in segs]
+        open_syncs = sum(len(q) for q in queues)
+        oldest = 0.0
+        if now is not None:
+            # a queue is in start order: its head is its oldest sync (only heads are read, one per segment)
+            for queue in queues:
+                meta = self.syncs.get(queue[0]) if queue else None
+                if meta is not None:
+                    oldest = max(oldest, now - float(meta["started_at"]))
+        return Step(segments=segs, open_syncs=open_syncs, oldest_open_seconds=oldest if now is not None else None)
 
     # -- emitting -----------------------------------------------------------
 

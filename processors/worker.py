@@ -34,6 +34,7 @@ import orjson
 from faust.types import TableT
 from pydantic import ValidationError
 
+from heapsync import lag
 from heapsync.contracts import HeapDrain, HeapSync
 from heapsync.settings import Settings
 from processors import metrics
@@ -162,7 +163,7 @@ def create_app(settings: Settings) -> faust.App:
     def handle(raw: bytes, partition: int, offset: int = -1) -> Step:
         if is_tick(raw):
             step = assembler.on_tick(partition=partition, now=time.time())
-            metrics.set_open_syncs(partition, step.open_syncs or 0)
+            metrics.set_open_syncs(partition, step.open_syncs or 0, step.oldest_open_seconds)
             return step
         try:
             record = parse_record(raw)
@@ -212,6 +213,7 @@ def create_app(settings: Settings) -> faust.App:
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # Another worker may take these partitions over; our in-memory net states would go stale.
         assembler.clear_cache()
+        metrics.forget_partitions(tp.partition for tp in revoked if tp.topic == topics.pages)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -226,5 +228,11 @@ def create_app(settings: Settings) -> faust.App:
         @app.task
         async def serve_metrics() -> None:
             metrics.serve(settings.metrics_port)  # type: ignore[arg-type]
+
+        lag_reporter = metrics.LagReporter(settings.kafka_bootstrap, settings.processor_group, topics.pages)
+
+        @app.timer(interval=lag.LAG_INTERVAL_SECONDS)
+        async def report_lag() -> None:
+            await lag_reporter.report(app.is_leader())
 
     return app

@@ -44,6 +44,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
+from heapsync import lag
 from heapsync.contracts import AppliedChunk, Delta
 from heapsync.kafka import client_config
 from heapsync.producer import ProduceError, ResilientProducer
@@ -179,6 +180,7 @@ class SinkRunner:
         self._parallel = settings.sink_lane_parallel_chunks if self._concurrent else 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self._lag_series: set[tuple[str, str, str]] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -348,6 +350,7 @@ class SinkRunner:
         self._commit(consumer, sync=True, only=keys)
         for key in keys:
             self._progress.pop(key, None)
+        self._forget_lag(keys)
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -356,6 +359,7 @@ class SinkRunner:
         self._release_from_callback(keys, 0.0)
         for key in keys:
             self._progress.pop(key, None)
+        self._forget_lag(keys)
         log.warning("partitions lost", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _release_from_callback(self, keys: set[tuple[str, int]], grace: float) -> None:
@@ -423,6 +427,54 @@ class SinkRunner:
             for progress in sent:
                 progress.committed = None
 
+    # -- lag (heapsync/lag.py) ---------------------------------------------------
+
+    def _forget_lag(self, keys: set[tuple[str, int]]) -> None:
+        """A partition given up is reported by its new owner, not here."""
+        gone = {s for s in self._lag_series if (s[1], int(s[2])) in keys}
+        lag.forget(gone)
+        self._lag_series -= gone
+
+    @staticmethod
+    def _watermarks(consumer: Consumer, unknown: list[tuple[str, int]],
+                    tps: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """High watermarks of ``tps``, and the committed offsets of ``unknown`` (nothing read since assigned).
+
+        Network calls: run in the polling thread, where every other consumer call happens."""
+        highs: dict[tuple[str, int], int] = {}
+        for topic, partition in tps:
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5.0)
+            except KafkaException:
+                continue
+            highs[(topic, partition)] = high
+        committed: dict[tuple[str, int], int] = {}
+        if unknown:
+            try:
+                for tp in consumer.committed([TopicPartition(t, p) for t, p in unknown], timeout=5.0):
+                    committed[(tp.topic, tp.partition)] = tp.offset
+            except KafkaException:
+                pass
+        return highs, committed
+
+    async def _export_lag(self, consumer: Consumer, poller: concurrent.futures.Executor) -> None:
+        """``heapsync_consumer_lag`` of the partitions this sink owns: what it has not finished, from its own
+        bookkeeping (the first chunk not yet applied) and the partition's high watermark."""
+        done = {key: progress.done_up_to() for key, progress in self._progress.items() if not progress.revoked}
+        unknown = [key for key, point in done.items() if point is None]
+        try:
+            highs, committed = await asyncio.get_running_loop().run_in_executor(
+                poller, self._watermarks, consumer, unknown, list(done))
+        except Exception as exc:  # noqa: BLE001 - a metric must never stop the sink
+            log.warning("consumer lag not measured", extra={"error": str(exc)[:200]})
+            return
+        rows = [lag.Row(self.group, topic, partition,
+                        lag.partition_lag(highs[(topic, partition)], done[(topic, partition)]
+                                          if done[(topic, partition)] is not None
+                                          else committed.get((topic, partition))))
+                for topic, partition in done if (topic, partition) in highs and (topic, partition) in self._progress]
+        self._lag_series = lag.publish(rows, self._lag_series)
+
     def _consumer_config(self) -> dict[str, Any]:
         return {
             **client_config(self.settings.kafka_bootstrap),
@@ -460,6 +512,7 @@ class SinkRunner:
         await self.sink.start()
         log.info("sink started", extra={"sink": self.sink.name, "group": self.group, "applied_chunks_known": known})
         last_commit = time.monotonic()
+        last_lag = last_commit - lag.LAG_INTERVAL_SECONDS + 5.0  # first measurement soon after start
         # Every call into the consumer happens either in this thread while the loop awaits it, or on the loop
         # between two polls: never two at once. Rebalance callbacks run here (inside consume).
         poller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.sink.name}-poll")
@@ -477,6 +530,9 @@ class SinkRunner:
                     self._commit(consumer, sync=False)
                     self.applied.expire(time.time())
                     last_commit = time.monotonic()
+                if time.monotonic() - last_lag >= lag.LAG_INTERVAL_SECONDS and self.settings.metrics_port:
+                    await self._export_lag(consumer, poller)
+                    last_lag = time.monotonic()
                 await asyncio.sleep(0)  # let the lanes take what was just queued
         finally:
             await self._shutdown(consumer, poller)

@@ -42,6 +42,11 @@ class PartitionProgress:
             self._commit_at = self._pending.popleft().offset + 1
         return self._commit_at
 
+    def done_up_to(self) -> int | None:
+        """The first offset not yet done (what lag counts from); None before anything was read."""
+        point = self.commit_point()
+        return self._pending[0].offset if self._pending else point
+
     def unfinished(self) -> int:
         return sum(1 for e in self._pending if not e.done)
 
