@@ -36,7 +36,8 @@ def resolve_command(argv: list[str]) -> click.Command:
 def test_services_asked_for_are_there() -> None:
     assert {"kafka", "ingress", "processor-1", "processor-2", "sink", "simulator"} <= set(SERVICES)
     assert SERVICES["simulator"]["profiles"] == ["demo"]
-    assert all("profiles" not in s for name, s in SERVICES.items() if name != "simulator")
+    assert SERVICES["prometheus"]["profiles"] == ["monitoring"]
+    assert all("profiles" not in s for name, s in SERVICES.items() if name not in ("simulator", "prometheus"))
 
 
 def test_kafka_is_apache_kafka_in_kraft_mode_single_node() -> None:
@@ -53,7 +54,7 @@ def test_every_command_exists_in_the_cli() -> None:
     for name, svc in SERVICES.items():
         if "command" in svc and svc["command"][0] == "heapsync":
             resolve_command(svc["command"])
-        elif name != "kafka":
+        elif name not in ("kafka", "prometheus"):
             raise AssertionError(f"{name} has no heapsync command")
 
 
@@ -63,7 +64,7 @@ def test_environment_names_are_ones_settings_reads() -> None:
         for var in svc.get("environment", {}):
             if var.startswith("HEAPSYNC_"):
                 assert var in known, f"{name}: {var} is not a setting"
-        if name not in ("kafka", "simulator"):  # the simulator is Cordial's stand-in: no Kafka
+        if name not in ("kafka", "simulator", "prometheus"):  # the simulator is Cordial's stand-in: no Kafka
             assert svc["environment"]["HEAPSYNC_KAFKA_BOOTSTRAP"] == "kafka:9092"
 
 
@@ -138,3 +139,17 @@ def test_grafana_dashboard_charts_every_stage() -> None:
     for m in metrics:
         if m.startswith("heapsync_sink_archive_"):
             assert m.removesuffix("_total") in names, m
+
+
+def test_prometheus_scrapes_every_stage_where_compose_serves_its_metrics() -> None:
+    """deploy/prometheus/prometheus.yml: the ingress's admin port and each HEAPSYNC_METRICS_PORT, and the alert rules."""
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    wanted = {f"ingress:{SERVICES['ingress']['environment']['HEAPSYNC_ADMIN_PORT']}"}
+    wanted |= {f"{name}:{svc['environment']['HEAPSYNC_METRICS_PORT']}" for name, svc in SERVICES.items()
+               if "HEAPSYNC_METRICS_PORT" in svc.get("environment", {})}
+    assert targets == wanted
+    assert config["rule_files"] == ["alerts.yml"] and (ROOT / "deploy/prometheus/alerts.yml").exists()
+    prom = SERVICES["prometheus"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prom["volumes"]
+    assert prom["ports"] == ["127.0.0.1:9090:9090"]  # the UI is not public
