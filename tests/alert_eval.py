@@ -85,6 +85,26 @@ def promtool_agrees(tool: str, tmp: Path, alert: str, samples: list[Sample],
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def promtool_fires_once(tool: str, tmp: Path, alert: str, series: list[dict[str, str]], eval_time: str) -> None:
+    """promtool evaluates the alert's expression over ``series`` (promtool's input notation) at ``eval_time``
+    to exactly one true result: for expressions whose value is not exact (``increase`` extrapolates)."""
+    expr = rules()[alert]["expr"]
+    (tmp / "alerts.yml").write_text(ALERTS.read_text())
+    test = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "promql_expr_test": [{"expr": f"count({expr})", "eval_time": eval_time,
+                              "exp_samples": [{"labels": "{}", "value": 1}]}],
+    }]}
+    path = tmp / f"series_{alert}_test.yml"
+    path.write_text(yaml.safe_dump(test))
+    run = subprocess.run([tool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def selector(name: str, labels: dict[str, str]) -> str:
+    return _selector(name, labels)
+
+
 def _selector(name: str, labels: dict[str, str]) -> str:
     inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
     return f"{name}{{{inner}}}"

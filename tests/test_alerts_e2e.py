@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from heapsync.broker import free_port
-from tests.alert_eval import Sample, evaluate, parse, promtool, promtool_agrees, rules
+from tests.alert_eval import Sample, evaluate, parse, promtool, promtool_agrees, promtool_fires_once, rules, selector
 from tests.conftest import Pipeline, http
 from tests.sink_helpers import make_delta, produce, sim_members, wait_for
+from tests.test_processor_crash import post_pages
 
 pytestmark = pytest.mark.integration
 
@@ -83,3 +84,45 @@ def test_revoked_key_and_refused_operation_make_their_alert_expressions_true(pip
     promtool_agrees(tool, tmp_path, "HeapsyncAccountPaused", samples, paused)
     promtool_agrees(tool, tmp_path, "HeapsyncDeadLettersPending", samples, pending)
     promtool_agrees(tool, tmp_path, "HeapsyncConsumerNotCatchingUp", samples, lagging)
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float | None:
+    found = [v for n, lbl, v in samples if n == name and all(lbl.get(k) == x for k, x in labels.items())]
+    return max(found) if found else None
+
+
+def test_a_sync_missing_a_page_shows_as_open_then_as_a_partial_delta_alert(pipeline: Pipeline,
+                                                                           tmp_path: Path) -> None:
+    metrics_port = free_port()
+    pipeline.extra_env.update({"HEAPSYNC_SYNC_TIMEOUT_SECONDS": "15", "HEAPSYNC_METRICS_PORT": str(metrics_port)})
+    pipeline.start_ingest()
+    pipeline.start("process", "process")
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    group = f"{pipeline.prefix}-assembler"
+
+    def scraped() -> list[Sample]:
+        try:
+            return scrape(url)
+        except OSError:
+            return []  # the worker is not serving yet
+
+    # the leader measures the group's lag on the pages topic, one series per partition
+    assert wait_for(lambda: value(scraped(), "heapsync_consumer_lag", group=group) is not None, 120), pipeline.logs()
+    assert {s[1]["partition"] for s in scraped() if s[0] == "heapsync_consumer_lag"} == {"0", "1", "2"}
+
+    # page 2 of 2 never comes: the sync stays open (its age grows), then times out into a partial delta
+    post_pages(pipeline, "lost-page-sync", [(["a@example.com"], []), (["b@example.com"], [])], [1])
+    assert wait_for(lambda: (value(scraped(), "heapsync_assembler_oldest_open_sync_seconds") or 0) > 0, 60), \
+        pipeline.logs()
+    before = value(scraped(), "heapsync_assembler_partial_deltas_total")
+    assert before == 0
+    assert wait_for(lambda: value(scraped(), "heapsync_assembler_partial_deltas_total") == 1, 90), pipeline.logs()
+    # nothing open any more, from the next tick on (the gauge is set on each tick)
+    assert wait_for(lambda: value(scraped(), "heapsync_assembler_oldest_open_sync_seconds") == 0, 30), pipeline.logs()
+
+    # HeapsyncPartialDelta over the two scrapes (the counter went 0 -> 1) is true, and an hour later not
+    tool = promtool()
+    assert tool is not None
+    series = [{"series": selector("heapsync_assembler_partial_deltas_total", {"instance": "processor"}),
+               "values": "0x30 1x120"}]
+    promtool_fires_once(tool, tmp_path, "HeapsyncPartialDelta", series, "45m")
