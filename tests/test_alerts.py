@@ -205,3 +205,15 @@ def test_oldest_open_sync_age_on_each_tick() -> None:
 def test_alert_rules_file_is_what_the_scrape_config_loads() -> None:
     config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     assert [ALERTS.parent / f for f in config["rule_files"]] == [ALERTS]
+
+
+def test_the_dashboard_charts_every_series_the_alerts_read() -> None:
+    import json
+
+    dash = json.loads((ROOT / "deploy" / "grafana" / "heapsync.json").read_text())
+    charted = {m for p in dash["panels"] for t in p.get("targets", []) for m in re.findall(r"heapsync_[a-z_]+", t["expr"])}
+    used = {m for rule in rules().values() for m in re.findall(r"heapsync_[a-z_]+", rule["expr"])}
+    assert sorted(used - charted) == []
+    panels = [p for p in dash["panels"] if p["type"] != "row"]
+    boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
+    assert len(boxes) == len(set(boxes))  # no panel drawn over another
