@@ -217,3 +217,9 @@ def test_the_dashboard_charts_every_series_the_alerts_read() -> None:
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     boxes = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in panels]
     assert len(boxes) == len(set(boxes))  # no panel drawn over another
+
+
+def test_ci_installs_promtool_before_the_tests() -> None:
+    script = (ROOT / ".ci" / "run").read_text()
+    install = script.index("install -y -qq --no-install-recommends prometheus")
+    assert script.index("command -v promtool") < install < script.index("make test")
