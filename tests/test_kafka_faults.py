@@ -249,6 +249,9 @@ class Heap:
         refused = [a for a in self.answers if a.status == 503]
         bad = [a for a in refused if not (a.retry_after or "").isdigit()]
         assert not bad, f"503 without Retry-After: {bad[:5]}"
+        reasons = sorted({a.reason or "" for a in refused})
+        print(f"\nanswers: {len(self.answers)} ({len(self.answers) - len(refused)} x 200, {len(refused)} x 503 "
+              f"{reasons}), slowest {max((a.seconds for a in self.answers), default=0):.1f} s")
         return refused
 
 
@@ -371,9 +374,15 @@ def applied_in_order(bootstrap: str, prefix: str, segments: list[Segment], timeo
 def start_stages(f: Faults, workers: int = 1) -> list[Proc]:
     f.pipeline.start_simulator()
     f.pipeline.start_ingest()
-    stages = [f.pipeline.start("process", "process") for _ in range(workers)]
+    stages = start_workers(f, workers)
     stages.append(f.pipeline.start("sink", "sink"))
     return stages
+
+
+def start_workers(f: Faults, count: int) -> list[Proc]:
+    """Faust workers in one group, each with its own state directory (as replicas on their own machines)."""
+    return [f.pipeline.start("process", "process", env=f.pipeline.env(
+        HEAPSYNC_PROCESSOR_DATA_DIR=str(f.pipeline.workdir / f"processor-{i}"))) for i in range(1, count + 1)]
 
 
 def assert_still_running(procs: list[Proc], pipeline: Pipeline) -> None:
@@ -448,7 +457,7 @@ def test_broker_killed_while_two_workers_assemble_and_the_sink_applies(faults: F
     f.make_topics()
     f.pipeline.start_simulator("--import-step", "0.5")
     f.pipeline.start_ingest()
-    stages = [f.pipeline.start("process", "process") for _ in range(2)]
+    stages = start_workers(f, 2)
     stages.append(f.pipeline.start("sink", "sink"))
 
     big = reshuffling_segment("big", "Fault Big", 100_000, 5_000)
