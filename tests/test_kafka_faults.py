@@ -342,7 +342,7 @@ def list_diff(expected: dict[str, set[str]], got: dict[str, set[str]]) -> str:
 def stored_request_ids(bootstrap: str, topic: str, wanted: set[str], timeout: float = 60.0) -> set[str]:
     records = read_topic(bootstrap, topic, lambda rs: wanted <= {
         r.value.get("request_id") for r in rs if isinstance(r.value, dict)}, timeout=timeout)
-    return {r.value.get("request_id") for r in records if isinstance(r.value, dict)}
+    return {str(r.value.get("request_id")) for r in records if isinstance(r.value, dict)}
 
 
 def applied_in_order(bootstrap: str, prefix: str, segments: list[Segment], timeout: float = 60.0) -> list[str]:
