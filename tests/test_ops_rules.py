@@ -256,6 +256,18 @@ def test_replicated_topics_refuse_writes_that_only_one_copy_would_hold() -> None
         "min.insync.replicas=1 (wanted 2)"]
     assert topics_admin.differences({}, {"min.insync.replicas": "1"}) == []
 
+
+def test_the_workers_changelogs_refuse_writes_that_only_one_copy_would_hold() -> None:
+    """Faust creates the tables' changelog topics itself: with replication 3 they get min.insync.replicas=2
+    too (a changelog acknowledged on one copy could lose a sync's pages with that broker)."""
+    from heapsync.settings import Settings
+    from processors.worker import create_app
+
+    app = create_app(Settings(topic_replication=3, processor_store="memory://", processor_group="isr-3"))
+    assert app.tables and all(t.changelog_topic.config == {"min.insync.replicas": "2"} for t in app.tables.values())
+    app = create_app(Settings(topic_replication=1, processor_store="memory://", processor_group="isr-1"))
+    assert all(not t.changelog_topic.config for t in app.tables.values())
+
 def test_list_name_rule_matches_the_assembler() -> None:
     assert rules.list_name("Heap Test Segment") == "HeapTestSegment"
 
