@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+from confluent_kafka.admin import AdminClient, ConfigResource, ConfigSource, ResourceType
 
 from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaCluster, KafkaUnavailable
 from heapsync.contracts import AppliedChunk
@@ -102,10 +102,13 @@ class Faults:
             time.sleep(0.5)
         raise AssertionError(f"{topic} leaders still on {dead}: {self.leaders(topic, partitions)}")
 
-    def topic_config(self, topic: str) -> dict[str, str]:
+    def min_insync_replicas(self, topic: str) -> str:
+        """The topic's own ``min.insync.replicas`` ("broker default" when it has none: a broker's is 1)."""
         admin = AdminClient({"bootstrap.servers": self.live_bootstrap()})
         res = ConfigResource(ResourceType.TOPIC, topic)
-        return {k: v.value for k, v in admin.describe_configs([res])[res].result(30).items()}
+        entry = admin.describe_configs([res])[res].result(30)["min.insync.replicas"]
+        source = getattr(entry.source, "value", entry.source)  # an enum or its int, by client version
+        return str(entry.value) if source == ConfigSource.DYNAMIC_TOPIC_CONFIG.value else "broker default"
 
     def live_bootstrap(self) -> str:
         return ",".join(n.bootstrap for n in self.cluster.members if n.running)
@@ -421,7 +424,7 @@ def test_leader_of_the_pages_partitions_killed_under_heap_load(faults: Faults) -
     f = faults
     rows = f.make_topics()
     assert rows and all(r["replication"] == 3 for r in rows), rows
-    assert f.topic_config(f.pages_topic)["min.insync.replicas"] == "2"
+    assert {r["topic"]: f.min_insync_replicas(r["topic"]) for r in rows} == {r["topic"]: "2" for r in rows}
     stages = start_stages(f)
     warm = warm_up(f)
 
@@ -508,6 +511,9 @@ def test_broker_killed_while_two_workers_assemble_and_the_sink_applies(faults: F
     got = wait_for_lists(f.pipeline, expected, timeout=420)
     assert got == expected, list_diff(expected, got)
     assert_still_running(stages, f.pipeline)
+    changelogs = [t for t in AdminClient({"bootstrap.servers": f.live_bootstrap()}).list_topics(timeout=30).topics
+                  if t.startswith(f"{f.pipeline.prefix}-assembler-") and t.endswith("-changelog")]
+    assert len(changelogs) == 5 and all(f.min_insync_replicas(t) == "2" for t in changelogs), changelogs
     assert applied_in_order(f.live_bootstrap(), f.pipeline.prefix, [big, *small]) == []
 
 
