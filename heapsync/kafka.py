@@ -51,11 +51,26 @@ def client_config(bootstrap: str) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, "logger": kafka_log}
 
 
+def min_insync_replicas(replication: int) -> int | None:
+    """``min.insync.replicas`` for topics of ``replication`` copies; None leaves the broker's default.
+
+    With 3+ copies an ``acks=all`` write must reach two, so an acknowledged page survives the loss
+    of any one broker, and a write that could only land on one copy is refused (the ingress answers
+    503) instead. Set on the topic, not left to the broker, whose default is 1. With fewer copies
+    the broker's default stands: 2 of 2 would stop every write while one broker restarts.
+    """
+    return 2 if replication >= 3 else None
+
+
 def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Explicit settings per topic: retention long enough to replay after an outage."""
+    """Explicit settings per topic: retention long enough to replay after an outage, and with
+    replication 3+ a ``min.insync.replicas`` of 2 (see :func:`min_insync_replicas`)."""
     retention_ms = str(int(settings.topic_retention_days * 86_400_000))
     t = settings.topics
     base = {"retention.ms": retention_ms, "max.message.bytes": str(16 * 1024 * 1024)}
+    min_isr = min_insync_replicas(settings.topic_replication)
+    if min_isr is not None:
+        base["min.insync.replicas"] = str(min_isr)
     configs = {name: dict(base) for name in t.all()}
     # Keyed per chunk / per dead letter, so compaction alone would keep every key ever written (and the
     # sink reads the whole progress topic at start). What they protect expires with the topics they

@@ -73,6 +73,22 @@ def _is_fatal(err: KafkaError) -> bool:
     return err.fatal() or err.code() == KafkaError._FATAL
 
 
+BROKER_AWAY = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError.REQUEST_TIMED_OUT, KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.BROKER_NOT_AVAILABLE,
+})
+"""Delivery failures that mean "the brokers did not take it in time" (down, electing a leader, below
+``min.insync.replicas``). librdkafka reports most of them as not retriable, since it already retried
+until ``message.timeout.ms``; for a caller the same record sent again later can succeed."""
+
+
+def is_retriable(err: KafkaError) -> bool:
+    """Whether sending the record again may succeed (a broker outage), as opposed to a record or
+    setting the broker will always refuse (too large, not authorised)."""
+    return err.retriable() or err.code() in BROKER_AWAY
+
+
 class LoopProducer:
     """An idempotent producer whose ``send`` resolves when the broker acked (see the module docstring)."""
 
@@ -144,7 +160,7 @@ class LoopProducer:
                 if future.done():
                     return  # the caller gave up waiting (timeout)
                 if err is not None:
-                    future.set_exception(ProduceError(err.str(), retriable=err.retriable(), fatal=_is_fatal(err)))
+                    future.set_exception(ProduceError(err.str(), retriable=is_retriable(err), fatal=_is_fatal(err)))
                 else:
                     future.set_result(msg)
 

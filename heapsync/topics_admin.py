@@ -13,7 +13,7 @@ from typing import Any
 
 from heapsync.kafka import client_config, topic_configs
 
-SHOWN = ("retention.ms", "cleanup.policy")
+SHOWN = ("retention.ms", "cleanup.policy", "min.insync.replicas")
 
 
 def human_retention(ms: str | None) -> str:

@@ -36,6 +36,7 @@ from pydantic import ValidationError
 
 from heapsync import lag
 from heapsync.contracts import HeapDrain, HeapSync
+from heapsync.kafka import min_insync_replicas
 from heapsync.settings import Settings
 from processors import metrics
 from processors.assembler import Assembler, DeadLetter, Emission, Step
@@ -99,11 +100,16 @@ def create_app(settings: Settings) -> faust.App:
                           partitions=settings.topic_partitions)
 
     options = _table_options(store)
+    # Faust creates the changelogs itself: with 3+ replicas they refuse a write one copy would hold,
+    # as the topics `heapsync topics` makes do (a broker's default min.insync.replicas is 1)
+    min_isr = min_insync_replicas(settings.topic_replication)
+    changelog_configs = {"min.insync.replicas": str(min_isr)} if min_isr is not None else None
 
     def table(name: str, value_type: type | None = None) -> TableT:
         # Faust picks serializers from key_type/value_type: str keys as JSON, bytes values raw, others JSON.
         return app.Table(name, default=None, partitions=settings.topic_partitions, key_type=str,
-                         value_type=value_type, options=dict(options) if options else None)
+                         value_type=value_type, options=dict(options) if options else None,
+                         extra_topic_configs=changelog_configs)
 
     assembler = Assembler(
         table("pages", bytes), table("syncs"), table("segments"), table("done"),

@@ -240,6 +240,34 @@ def test_topic_differences_and_retention_display() -> None:
     assert topics_admin.differences({"cleanup.policy": "compact"}, {"cleanup.policy": "compact"}) == []
 
 
+
+def test_replicated_topics_refuse_writes_that_only_one_copy_would_hold() -> None:
+    """With replication 3 every topic heapsync creates sets min.insync.replicas=2 itself (a broker's
+    default is 1: acks=all would then acknowledge a page held by the leader alone)."""
+    from heapsync.kafka import min_insync_replicas, topic_configs
+    from heapsync.settings import Settings
+
+    assert [min_insync_replicas(r) for r in (1, 2, 3, 5)] == [None, None, 2, 2]
+    three = topic_configs(Settings(topic_replication=3))
+    assert three and all(cfg["min.insync.replicas"] == "2" for cfg in three.values())
+    assert all("min.insync.replicas" not in cfg for cfg in topic_configs(Settings(topic_replication=1)).values())
+    # `heapsync topics` flags a replicated topic made elsewhere with the broker's default of 1
+    assert topics_admin.differences({"min.insync.replicas": "2"}, {"min.insync.replicas": "1"}) == [
+        "min.insync.replicas=1 (wanted 2)"]
+    assert topics_admin.differences({}, {"min.insync.replicas": "1"}) == []
+
+
+def test_the_workers_changelogs_refuse_writes_that_only_one_copy_would_hold() -> None:
+    """Faust creates the tables' changelog topics itself: with replication 3 they get min.insync.replicas=2
+    too (a changelog acknowledged on one copy could lose a sync's pages with that broker)."""
+    from heapsync.settings import Settings
+    from processors.worker import create_app
+
+    app = create_app(Settings(topic_replication=3, processor_store="memory://", processor_group="isr-3"))
+    assert app.tables and all(t.changelog_topic.config == {"min.insync.replicas": "2"} for t in app.tables.values())
+    app = create_app(Settings(topic_replication=1, processor_store="memory://", processor_group="isr-1"))
+    assert all(not t.changelog_topic.config for t in app.tables.values())
+
 def test_list_name_rule_matches_the_assembler() -> None:
     assert rules.list_name("Heap Test Segment") == "HeapTestSegment"
 

@@ -6,9 +6,10 @@ import asyncio
 import uuid
 
 import pytest
+from confluent_kafka import KafkaError
 
 from heapsync.broker import EmbeddedBroker, free_port
-from heapsync.producer import LoopProducer, ProduceError, ResilientProducer
+from heapsync.producer import LoopProducer, ProduceError, ResilientProducer, is_retriable
 from heapsync.topic_reader import read_topic
 from tests.conftest import create_topic
 
@@ -34,6 +35,24 @@ async def test_send_gives_up_within_its_timeout_when_no_broker_answers() -> None
     with pytest.raises(asyncio.TimeoutError):
         await producer.send("nowhere", b"x", timeout=0.3)
     assert loop.time() - started < 2.0
+    producer.close(0)
+
+
+def test_a_record_the_brokers_did_not_take_in_time_may_be_sent_again() -> None:
+    """Every broker away for longer than message.timeout.ms: librdkafka fails the record as not
+    retriable, and the sink, which retries only retriable failures, stopped on its progress record."""
+    for code in (KafkaError._MSG_TIMED_OUT, KafkaError._ALL_BROKERS_DOWN, KafkaError.NOT_ENOUGH_REPLICAS,
+                 KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.NOT_LEADER_FOR_PARTITION):
+        assert is_retriable(KafkaError(code)), KafkaError(code).name()
+    for code in (KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.INVALID_MSG):
+        assert not is_retriable(KafkaError(code)), KafkaError(code).name()
+
+
+async def test_a_timed_out_delivery_fails_as_retriable() -> None:
+    producer = LoopProducer(f"127.0.0.1:{free_port()}", delivery_timeout_s=0.5)  # no broker there
+    with pytest.raises(ProduceError) as caught:
+        await producer.send("nowhere", b"x", timeout=30)
+    assert caught.value.retriable and not caught.value.fatal, caught.value.reason
     producer.close(0)
 
 
