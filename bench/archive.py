@@ -21,7 +21,10 @@ def lines() -> list[bytes]:
             for i in range(CHUNKS)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m bench archive", description="python -m bench archive: the archive writer against appending without fsync (no broker)").parse_args(argv or [])
     data = lines()
     size = sum(len(x) + 1 for x in data)
     with tempfile.TemporaryDirectory() as tmp:
