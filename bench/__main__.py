@@ -56,11 +56,19 @@ def main(argv: list[str]) -> int:
         print(f"options other than --broker need one benchmark name (python -m bench NAME {' '.join(rest)})\n{USAGE}",
               end="", file=sys.stderr)
         return 2
+    from bench.brokers import BenchFailed
+
+    failed = []
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         print(f"[bench] {name}", flush=True)
-        module.main(rest if name in BROKER_BOUND else without_broker(rest))
-    return 0
+        try:
+            module.main(rest if name in BROKER_BOUND else without_broker(rest))
+        except BenchFailed as exc:  # already printed where it failed; the other benchmarks still run
+            failed.append(str(exc))
+    for line in failed:
+        print(f"[bench] {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ def lines() -> list[bytes]:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m bench archive", description="python -m bench archive: the archive writer against appending without fsync (no broker)").parse_args(argv or [])
+    parser = argparse.ArgumentParser(prog="python -m bench archive",
+                                     description="The archive writer against appending without fsync (no broker).")
+    parser.parse_args(argv or [])
     data = lines()
     size = sum(len(x) + 1 for x in data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -187,7 +187,7 @@ def run_ceiling(bootstrap: str, prefix: str, pages: list[bytes],
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from bench.brokers import add_broker_argument, brokers_from_args
+    from bench.brokers import add_broker_argument, brokers_from_args, run_each
 
     parser = argparse.ArgumentParser(
         prog="python -m bench assembler",
@@ -198,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="syncs per broker, each after its own ceiling round (default 3)")
     add_broker_argument(parser)
     args = parser.parse_args(argv or [])
-    for kind in brokers_from_args(args.broker):
-        bench_on(kind, args.rounds)
+    run_each("assembler", brokers_from_args(args.broker), lambda kind: bench_on(kind, args.rounds))
 
 
 def bench_on(kind: str, rounds: int) -> None:
@@ -264,6 +263,13 @@ def bench_on(kind: str, rounds: int) -> None:
                       f"{c_cpu / total_ids * 1e6:.1f} ms (broker {c_bcpu / total_ids * 1e6:.1f} ms); "
                       f"load average {load_average()}", flush=True)
             rss = peak_rss_mb(worker.pid)
+        except Exception:
+            worker_log.flush()
+            errors = [line for line in (Path(tmp) / "worker.log").read_text(errors="replace").splitlines()
+                      if '"level":"error"' in line or '"level":"critical"' in line]
+            for line in errors[-3:]:  # why the worker did not deliver, before its folder goes
+                print(f"  worker: {line[:600]}", flush=True)
+            raise
         finally:
             watcher.stop.set()
             stop_process(worker, 30)

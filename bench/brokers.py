@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -88,3 +88,20 @@ def cpu_seconds(pid: int) -> float:
 def load_average() -> str:
     """The 1-minute load average now, to print beside each result (the machine is shared)."""
     return f"{os.getloadavg()[0]:.2f}"
+
+
+class BenchFailed(RuntimeError):
+    """A benchmark did not finish on one or more brokers (each failure was printed where it happened)."""
+
+
+def run_each(name: str, kinds: list[str], run: Callable[[str], object]) -> None:
+    """``run(kind)`` for every broker; one broker failing does not stop the others, but fails the whole run."""
+    failed = []
+    for kind in kinds:
+        try:
+            run(kind)
+        except Exception as exc:  # reported here, raised below once every broker had its turn
+            failed.append(kind)
+            print(f"[{name}] FAILED on {label(kind)}: {type(exc).__name__}: {exc}", flush=True)
+    if failed:
+        raise BenchFailed(f"{name} failed on {', '.join(failed)}")

@@ -167,9 +167,10 @@ def fmt(r: dict[str, Any]) -> str:
 
 def bench(quick: bool = False, kinds: tuple[str, ...] = ("tansu",), rounds: int | None = None) -> list[dict[str, Any]]:
     """Every case on each broker in ``kinds`` (a fresh broker each), ceiling and ingress interleaved."""
-    results = []
-    for kind in kinds:
-        results += bench_on(kind, quick, rounds)
+    from bench.brokers import run_each
+
+    results: list[dict[str, Any]] = []
+    run_each("ingest", list(kinds), lambda kind: results.extend(bench_on(kind, quick, rounds)))
     return results
 
 

@@ -26,7 +26,9 @@ RECORDS = 20_000
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    argparse.ArgumentParser(prog="python -m bench replay", description="python -m bench replay: heapsync replay pages against a raw read and produce (Tansu only)").parse_args(argv or [])
+    parser = argparse.ArgumentParser(prog="python -m bench replay",
+                                     description="heapsync replay pages against a raw read and produce (Tansu only).")
+    parser.parse_args(argv or [])
     with EmbeddedBroker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}",
                             topic_partitions=6)

@@ -1,8 +1,8 @@
 """Sink benchmark: how close the Cordial sink gets to the rate limit Cordial allows.
 
-Runs a broker (Tansu, or a single-node Apache Kafka; ``--broker both`` runs everything on each), the Cordial simulator (10 ms latency per request, a per-key
-rate limit of N requests/s) and the sink as real processes, and produces deltas
-straight into the deltas topic. The ceiling is the configured limit N; a
+Runs a broker (Tansu, or a single-node Apache Kafka; ``--broker both`` runs everything on each), the
+Cordial simulator (10 ms latency per request, a per-key rate limit of N requests/s) and the sink as
+real processes, and produces deltas straight into the deltas topic. The ceiling is the configured limit N; a
 calibration run without any limit first shows the machine can drive more than N
 (so the limit, not the CPU, binds). Phases:
 
@@ -31,7 +31,16 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from bench.brokers import add_broker_argument, broker_pid, brokers_from_args, cpu_seconds, label, load_average, open_broker
+from bench.brokers import (
+    add_broker_argument,
+    broker_pid,
+    brokers_from_args,
+    cpu_seconds,
+    label,
+    load_average,
+    open_broker,
+    run_each,
+)
 from heapsync.broker import die_with_parent, free_port, stop_process, wait_for_port
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
@@ -186,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="phases to skip, comma separated: calibration, rest, outage, bulk")
     add_broker_argument(parser)
     args = parser.parse_args(argv or [])
-    for kind in brokers_from_args(args.broker):
-        bench_on(kind, args.limit, set(filter(None, args.skip.split(","))))
+    skip = set(filter(None, args.skip.split(",")))
+    run_each("sink", brokers_from_args(args.broker), lambda kind: bench_on(kind, args.limit, skip))
 
 
 def bench_on(kind: str, limit: int, skip: set[str]) -> None:
