@@ -31,6 +31,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 PAGES = int(os.environ.get("BENCH_ASSEMBLER_PAGES", "1000"))
 PER_PAGE = int(os.environ.get("BENCH_ASSEMBLER_PER_PAGE", "1000"))
@@ -196,12 +197,44 @@ def main(argv: list[str] | None = None) -> None:
                     "BENCH_ASSEMBLER_PER_PAGE set the size).")
     parser.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ASSEMBLER_ROUNDS", "3")),
                         help="syncs per broker, each after its own ceiling round (default 3)")
+    parser.add_argument("--declare-first", action="store_true",
+                        help="start the worker once until it has declared its changelog topics, stop it, and measure "
+                             "a second start (a deployment's steady state; a first start on a fresh Apache Kafka "
+                             "crashes the worker's agent, see BENCHMARKS.md)")
     add_broker_argument(parser)
     args = parser.parse_args(argv or [])
-    run_each("assembler", brokers_from_args(args.broker), lambda kind: bench_on(kind, args.rounds))
+    run_each("assembler", brokers_from_args(args.broker),
+             lambda kind: bench_on(kind, args.rounds, args.declare_first))
 
 
-def bench_on(kind: str, rounds: int) -> None:
+def changelog_topics(bootstrap: str, group: str) -> set[str]:
+    """The worker's table changelog topics that exist on the broker now."""
+    from confluent_kafka.admin import AdminClient
+
+    topics = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics
+    return {t for t in topics if t.startswith(f"{group}-") and t.endswith("-changelog")}
+
+
+def declare_first(cmd: list[str], env: dict[str, str], log: Any, bootstrap: str, group: str,
+                  tables: int = 5) -> None:
+    """Run the worker until its ``tables`` changelog topics exist, then stop it (what a second start finds)."""
+    from heapsync.broker import die_with_parent, stop_process
+
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    try:
+        deadline = time.monotonic() + 180
+        while len(changelog_topics(bootstrap, group)) < tables:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"the worker did not declare its changelog topics: "
+                                   f"{sorted(changelog_topics(bootstrap, group))}")
+            time.sleep(0.5)
+    finally:
+        stop_process(proc, 30)
+    print(f"  worker started once and stopped: it declared {sorted(changelog_topics(bootstrap, group))}",
+          flush=True)
+
+
+def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
     """Warm the worker up, then ``rounds`` times: the ceiling on a fresh topic, the worker on the pages topic."""
     from bench.brokers import broker_pid, cpu_seconds, label, load_average, open_broker
     from heapsync.broker import die_with_parent, stop_process
@@ -226,6 +259,9 @@ def bench_on(kind: str, rounds: int) -> None:
         worker_log = open(Path(tmp) / "worker.log", "wb")
         profile = os.environ.get("BENCH_ASSEMBLER_PROFILE")  # a path: write the worker's cProfile there
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
+        if declare:
+            declare_first([sys.executable, "-m", "heapsync.cli", "process"], env, worker_log, broker.bootstrap,
+                          env["HEAPSYNC_PROCESSOR_GROUP"])
         worker = subprocess.Popen([sys.executable, *wrap, "-m", "heapsync.cli", "process"], env=env,
                                   stdout=worker_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         watcher = DeltaWatcher(broker.bootstrap, settings.topics.deltas)
