@@ -236,7 +236,7 @@ def declare_first(cmd: list[str], env: dict[str, str], log: Any, bootstrap: str,
 
 def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
     """Warm the worker up, then ``rounds`` times: the ceiling on a fresh topic, the worker on the pages topic."""
-    from bench.brokers import broker_pid, cpu_seconds, label, load_average, open_broker
+    from bench.brokers import broker_pid, cpu_seconds, idle_cpu_note, label, load_average, open_broker
     from heapsync.broker import die_with_parent, stop_process
     from heapsync.contracts import PageRecord, delta_id_for
     from heapsync.kafka import ensure_topics
@@ -247,7 +247,7 @@ def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
     results: list[tuple[float, float, float, float]] = []  # worker s, worker lag, ceiling s, ceiling lag
     cpus: list[tuple[float, float, float, float]] = []  # worker, its broker, ceiling, its broker (CPU s per round)
     with tempfile.TemporaryDirectory(prefix="bench-assembler-") as tmp, open_broker(kind, Path(tmp)) as broker:
-        print(f"  broker: {label(kind)}", flush=True)
+        print(f"  broker: {label(kind)}; {idle_cpu_note(broker)}", flush=True)
         broker_process = broker_pid(broker)
         prefix = f"bench{uuid.uuid4().hex[:8]}"
         settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=prefix, topic_partitions=PARTITIONS)

@@ -105,3 +105,17 @@ def run_each(name: str, kinds: list[str], run: Callable[[str], object]) -> None:
             print(f"[{name}] FAILED on {label(kind)}: {type(exc).__name__}: {exc}", flush=True)
     if failed:
         raise BenchFailed(f"{name} failed on {', '.join(failed)}")
+
+
+def idle_cpu_note(broker: Any, seconds: float = 5.0) -> str:
+    """The broker's CPU with no client traffic of ours, so the per-unit figures can be read against it.
+
+    A JVM broker burns some CPU of its own (KRaft, coordinators, GC, JIT right after start); over a
+    long, slow phase that background shows up as "broker CPU per unit" and is not caused by the work.
+    """
+    import time
+
+    pid = broker_pid(broker)
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return f"broker CPU while idle: {(cpu_seconds(pid) - before) / seconds:.1%} of a core over {seconds:.0f} s"

@@ -175,7 +175,7 @@ def bench(quick: bool = False, kinds: tuple[str, ...] = ("tansu",), rounds: int 
 
 
 def bench_on(kind: str, quick: bool, rounds: int | None) -> list[dict[str, Any]]:
-    from bench.brokers import broker_pid, cpu_seconds, label, load_average, open_broker
+    from bench.brokers import broker_pid, cpu_seconds, idle_cpu_note, label, load_average, open_broker
     from heapsync.broker import free_port, wait_for_port
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
@@ -185,7 +185,7 @@ def bench_on(kind: str, quick: bool, rounds: int | None) -> list[dict[str, Any]]
     cases = [Case(10, int(30_000 * scale), 15 * scale, 64), Case(1000, int(6_000 * scale), 15 * scale, 32)]
     results = []
     with tempfile.TemporaryDirectory(prefix="heapsync-bench-") as tmp, open_broker(kind, Path(tmp)) as broker:
-        print(f"[ingest] broker: {label(kind)}", flush=True)
+        print(f"[ingest] broker: {label(kind)}; {idle_cpu_note(broker)}", flush=True)
         workdir = Path(tmp)
         broker_process = broker_pid(broker)
         accounts = workdir / "accounts.toml"

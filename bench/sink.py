@@ -36,6 +36,7 @@ from bench.brokers import (
     broker_pid,
     brokers_from_args,
     cpu_seconds,
+    idle_cpu_note,
     label,
     load_average,
     open_broker,
@@ -203,6 +204,7 @@ def bench_on(kind: str, limit: int, skip: set[str]) -> None:
     print(f"  sink on {label(kind)}: simulator latency {LATENCY * 1000:.0f} ms, rate limit N = {limit} requests/s "
           f"per key; 2 cores shared with other work", flush=True)
     with tempfile.TemporaryDirectory() as tmp, open_broker(kind, Path(tmp)) as broker:
+        print(f"  {idle_cpu_note(broker)}", flush=True)
         b = Bench(broker, Path(tmp), limit)
         try:
             b.start("simulator", "simulator", "--port", str(b.sim_port), "--latency", str(LATENCY),
