@@ -226,6 +226,9 @@ def bench_on(kind: str, quick: bool, rounds: int | None) -> list[dict[str, Any]]
             ratio = measured["pages_per_s"] / ceiling["pages_per_s"]
             per_round = "bare " + ", ".join(f"{r['pages_per_s']:.0f}" for r in ceilings)
             per_round += "; ingress " + ", ".join(f"{r['pages_per_s']:.0f}" for r in measurements)
+            # per round: a JVM broker gets cheaper per page as it warms up (JIT), so the first rounds cost more
+            per_round += "; broker µs/page " + ", ".join(f"{r['broker_cpu_s'] / r['requests'] * 1e6:.0f}"
+                                                          for r in measurements)
             print(f"[ingest] {kind}: {case.ids_per_page:>5}-id pages, {case.concurrency} connections, best of "
                   f"{rounds} interleaved rounds (pages/s per round: {per_round}; load average {', '.join(loads)})")
             print(f"  bare handler : {fmt(ceiling)}")
