@@ -56,3 +56,19 @@ def test_an_unknown_benchmark_is_an_error_not_a_silent_skip() -> None:
                           timeout=60)
     assert done.returncode == 2
     assert "unknown benchmark 'ingset'" in done.stderr
+
+
+def test_one_broker_failing_still_runs_the_other_and_fails_the_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.brokers import BenchFailed, run_each
+
+    ran = []
+
+    def run(kind: str) -> None:
+        ran.append(kind)
+        if kind == "kafka":
+            raise TimeoutError("delta incomplete after 180s")
+
+    with pytest.raises(BenchFailed, match="assembler failed on kafka"):
+        run_each("assembler", ["kafka", "tansu"], run)
+    assert ran == ["kafka", "tansu"]
+    assert "[assembler] FAILED on Apache Kafka" in capsys.readouterr().out
