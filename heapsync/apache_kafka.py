@@ -162,8 +162,15 @@ def fetch(version: str = DEFAULT_KAFKA_VERSION, quiet: bool = True) -> Path:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as ``kafka-storage random-uuid``."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id: a random UUID in URL-safe base64 without padding, as ``kafka-storage random-uuid``.
+
+    Like Kafka's own ``Uuid.randomUuid`` it never starts with "-": the storage tool would read such
+    an id as an option and refuse to format (1 start in 64).
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not text.startswith("-"):
+            return text
 
 
 def node_properties(node_id: int, *, host: str, port: int, controller_port: int, voters: str, log_dir: Path,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
@@ -14,7 +15,7 @@ from typing import ParamSpec, TypeVar
 import click
 
 from heapsync import logs
-from heapsync.settings import AccountError, Settings
+from heapsync.settings import Account, AccountError, Settings, settings_problems
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -22,15 +23,43 @@ R = TypeVar("R")
 DEV_DIR = Path(".heapsync/dev")
 
 
+class ConfigError(click.ClickException):
+    """A setting or the accounts file is invalid: one line on stderr, exit status 2, nothing started."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the parser's message held
+
+
 def _settings() -> Settings:
-    return Settings()
+    """Settings from the environment; an invalid value is a ``ConfigError`` (no traceback)."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"settings: {settings_problems(exc)}") from None
 
 
-def _accounts(settings: Settings) -> dict:
+def _accounts(settings: Settings) -> dict[str, Account]:
     try:
         return settings.accounts()
     except AccountError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigError(str(exc)) from None
+
+
+def _checked(require_accounts: bool = False) -> tuple[Settings, dict[str, Account]]:
+    """The check every command that runs the pipeline or reads its topics makes before it starts anything.
+
+    Settings are validated; so is the accounts file when the command needs it, when
+    HEAPSYNC_ACCOUNTS_FILE names one, or when the default one exists: a typo in it is one line
+    naming the file, the account and the key, exit status 2, instead of a stage dying later.
+    """
+    settings = _settings()
+    if require_accounts or os.environ.get("HEAPSYNC_ACCOUNTS_FILE") or settings.accounts_file.exists():
+        return settings, _accounts(settings)
+    return settings, {}
 
 
 def _echo_json(doc: object) -> None:
@@ -66,13 +95,13 @@ def ingest(port: int | None, host: str | None) -> None:
     """Serve Heap's webhook and write accepted pages to Kafka."""
     from ingest import server
 
-    settings = _settings()
+    settings, accounts = _checked(require_accounts=True)
     if port is not None:
         settings.ingest_port = port
     if host is not None:
         settings.ingest_host = host
     logs.setup(settings.log_level)
-    server.run(settings, _accounts(settings))
+    server.run(settings, accounts)
 
 
 @cli.command()
@@ -82,7 +111,7 @@ def process() -> None:
 
     from processors.worker import create_app
 
-    settings = _settings()
+    settings, _ = _checked()
     logs.setup(settings.log_level)
     app = create_app(settings)
     # override_logging=False keeps our JSON lines (with their fields); mode would replace the handler
@@ -102,9 +131,8 @@ def sink() -> None:
     from heapsync.kafka import ensure_topics
     from sinks.cordial_sink import build_runner
 
-    settings = _settings()
+    settings, accounts = _checked(require_accounts=True)
     logs.setup(settings.log_level)
-    accounts = _accounts(settings)
     ensure_topics(settings)
     asyncio.run(build_runner(settings, accounts).run())
 
@@ -150,6 +178,9 @@ def dev(port: int, sim_port: int, broker_kind: str) -> None:
     """Run the whole pipeline on this machine: broker, ingress, worker, sink, simulator."""
     from heapsync.dev import run_dev
 
+    settings = _settings()
+    if os.environ.get("HEAPSYNC_ACCOUNTS_FILE"):  # used as is (else a demo one is written): checked first
+        _accounts(settings)
     sys.exit(run_dev(port=port, sim_port=sim_port, broker_kind=broker_kind))
 
 
@@ -169,7 +200,8 @@ def kafka_fetch(version: str | None) -> None:
     from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaUnavailable, fetch
 
     try:
-        home = fetch(version or DEFAULT_KAFKA_VERSION, quiet=False)
+        click.echo(f"resolving Apache Kafka {version or DEFAULT_KAFKA_VERSION} with Maven (once; then cached) ...")
+        home = fetch(version or DEFAULT_KAFKA_VERSION)
     except KafkaUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Apache Kafka {version or DEFAULT_KAFKA_VERSION}: {home / 'libs'}")
@@ -234,7 +266,10 @@ def _default_secret(account: str) -> str:
         if path.exists():
             from heapsync.settings import load_accounts
 
-            found = load_accounts(path).get(account)
+            try:
+                found = load_accounts(path).get(account)
+            except AccountError as exc:
+                raise ConfigError(str(exc)) from None
             if found is not None:
                 return found.heap_webhook_secrets[0].get_secret_value()
     raise click.ClickException(f"no secret for account {account!r}: pass --secret or set HEAPSYNC_ACCOUNTS_FILE")
@@ -263,7 +298,7 @@ def topics(create: bool, as_json: bool) -> None:
     """Create any missing heapsync topic, and show each with partitions, retention and cleanup policy."""
     from heapsync.topics_admin import describe
 
-    settings = _settings()
+    settings, _ = _checked()
     logs.setup("WARNING")
     rows = describe(settings, create=create)
     if as_json:
@@ -304,7 +339,7 @@ def replay(kind: str, since: str | None, from_offset: int | None, account: str |
         since_ms = parse_since(since) if since is not None else None
     except ValueError as exc:
         raise click.BadParameter(f"not an ISO 8601 time or a span like 2h: {since}", param_hint="--since") from exc
-    settings = _settings()
+    settings, _ = _checked()
     logs.setup("WARNING")
     try:
         report = run_replay(settings, kind, since_ms=since_ms, from_offset=from_offset,  # type: ignore[arg-type]
@@ -335,7 +370,7 @@ _dlq_reason = click.option("--reason", default=None, help="Only entries whose re
 def _dlq_entries(sources: tuple[str, ...], account: str | None, reason: str | None) -> tuple[list, dict]:
     from heapsync import dlq as dlq_mod
 
-    settings = _settings()
+    settings, _ = _checked()
     entries = dlq_mod.load(settings, sources or dlq_mod.SOURCES)  # type: ignore[arg-type]
     marks = dlq_mod.load_marks(settings)
     return [e for e in entries if dlq_mod.matches(e, account=account, reason=reason)], marks
@@ -389,7 +424,9 @@ def dlq_show(entry_id: str) -> None:
 @_dlq_account
 @_dlq_reason
 @click.option("--id", "ids", multiple=True, help="Only these entries (repeatable).")
-@click.option("--force", is_flag=True, help="Also entries already re-driven.")
+@click.option("--force", is_flag=True,
+              help="Also entries already re-driven, and sync content whose segment had a newer sync since "
+                   "(refused otherwise: it would put older data over newer).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be re-driven.")
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -400,11 +437,13 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
     from heapsync.replay import new_replay_id
 
     logs.setup("WARNING")
-    settings = _settings()
+    settings, _ = _checked()
     entries, marks = _dlq_entries(sources, account, reason)
     if ids:
         entries = [e for e in entries if e.id in set(ids)]
     report = redrive(settings, entries, marks, replay_id=new_replay_id(), force=force, dry_run=dry_run)
+    for warning in report.warnings:  # stderr, also with --json: a forced stale re-drive must not pass unnoticed
+        click.echo(f"WARNING: {warning}", err=True)
     if as_json:
         _echo_json(report.as_json())
     else:
@@ -426,7 +465,7 @@ def status(as_json: bool) -> None:
     from heapsync.status import gather
 
     logs.setup("WARNING")
-    doc = gather(_settings())
+    doc = gather(_checked()[0])
     if as_json:
         _echo_json(doc)
         return
@@ -447,7 +486,7 @@ def archive(directory: Path | None, max_bytes: int | None, max_seconds: float | 
     from heapsync.kafka import ensure_topics
     from sinks.archive import build_runner
 
-    settings = _settings()
+    settings, _ = _checked()
     if directory is not None:
         settings.archive_dir = directory
     if max_bytes is not None:

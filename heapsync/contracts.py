@@ -76,9 +76,18 @@ class Segment(_Lenient):
         return v
 
 
+MAX_TOTAL_PAGES = 100_000
+"""Most pages one sync may announce (``total_pages``, hence ``page_number``); more is a 400.
+
+The assembler keeps a digest per page and lists missing pages, both sized by ``total_pages``:
+at 100,000 pages a done marker is ~2 MB and a partial delta's ``missing_pages`` ~0.7 MB, well
+under a 16 MiB record. Even at 100 ids a page that is 10 million members.
+"""
+
+
 class SyncInfo(_Lenient):
-    page_number: Annotated[int, Field(ge=1, strict=True)]
-    total_pages: Annotated[int, Field(ge=1, strict=True)]
+    page_number: Annotated[int, Field(ge=1, le=MAX_TOTAL_PAGES, strict=True)]
+    total_pages: Annotated[int, Field(ge=1, le=MAX_TOTAL_PAGES, strict=True)]
     sync_task_id: NonEmptyStr
 
     @model_validator(mode="after")
@@ -165,6 +174,20 @@ class PageRecord(BaseModel):
     replay_id: str | None = Field(
         None, description="Set by `heapsync replay`: the assembler treats the page as part of a fresh sync."
     )
+    signed_digest: str | None = Field(
+        None, description="Set for a drain: `signed_digest` of its Heap-Hash ts and body, the drain's identity "
+        "(X-Request-Id is not signed). Records written before the field name a drain by request_id."
+    )
+
+
+def signed_digest(ts: str, body: bytes) -> str:
+    """SHA-256 (hex) of exactly what the HMAC covers: the ``ts`` as sent, then the raw body.
+
+    Only the secret's holder can make a new one, so a captured request posted again, with any
+    ``X-Request-Id`` or signature encoding, has the same digest. (``ts`` is all digits and a JSON
+    object starts with ``{`` or whitespace, so the joint between them is never ambiguous.)
+    """
+    return hashlib.sha256(ts.encode() + body).hexdigest()
 
 
 class RejectedRecord(BaseModel):

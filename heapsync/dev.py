@@ -82,6 +82,26 @@ def broker_label(broker: EmbeddedBroker | KafkaCluster) -> str:
     return f"Apache Kafka {broker.version}" if isinstance(broker, KafkaCluster) else "Tansu"
 
 
+def _wait_listening(children: Children, addresses: list[tuple[str, int]], timeout: float = 30.0) -> str | None:
+    """None once every address accepts connections; else what went wrong, with the last line of
+    the log of a child that exited meanwhile (no 30 s wait for a port its process will never open)."""
+    deadline = time.monotonic() + timeout
+    for host, port in addresses:
+        while True:
+            dead = children.dead()
+            if dead:
+                log = children.log_dir / f"{dead[0]}.log"
+                lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+                return f"{dead[0]} exited (see {log}): {lines[-1][:500] if lines else ''}"
+            try:
+                wait_for_port(host, port, min(0.5, max(0.1, deadline - time.monotonic())))
+                break
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    return f"nothing listening on {host}:{port} after {timeout:.0f} s (see {children.log_dir}/)"
+    return None
+
+
 def run_dev(port: int = 8080, sim_port: int = 8081, broker_kind: str = "tansu") -> int:
     DEV_DIR.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -128,8 +148,14 @@ def run_dev(port: int = 8080, sim_port: int = 8081, broker_kind: str = "tansu") 
         children.start("ingest", ["ingest", "--port", str(port)], env)
         children.start("process", ["process"], env)
         children.start("sink", ["sink"], env)
-        wait_for_port("127.0.0.1", sim_port, 30)
-        wait_for_port("127.0.0.1", port, 30)
+        listening = [("127.0.0.1", sim_port), ("127.0.0.1", port)]
+        if settings.admin_port:
+            listening.append((settings.admin_host if settings.admin_host not in ("0.0.0.0", "::") else "127.0.0.1",
+                              settings.admin_port))
+        problem = _wait_listening(children, listening)
+        if problem is not None:
+            print(f"stopping: {problem}", file=sys.stderr)
+            return 1
 
         print(f"heapsync dev is running (logs in {DEV_DIR}/)")
         label = f"  broker ({broker_label(broker)}):"
@@ -138,6 +164,9 @@ def run_dev(port: int = 8080, sim_port: int = 8081, broker_kind: str = "tansu") 
             print(f"  (not at {settings.kafka_bootstrap}, which is taken or not local: for heapsync "
                   f"status/replay/dlq in another shell, export HEAPSYNC_KAFKA_BOOTSTRAP={broker.bootstrap})")
         print(f"  webhook:            http://127.0.0.1:{port}/heap/listMembership/<accountId>")
+        if settings.admin_port:  # the ingress's admin listener (HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT)
+            admin = f"http://{settings.admin_host}:{settings.admin_port}"
+            print(f"  admin:              {admin}/status  (also {admin}/metrics, {admin}/openapi.json)")
         print(f"  Cordial simulator:  {sim_url}/v2  (lists and members: {sim_url}/_sim/lists)")
         print(f"  accounts file:      {accounts_file}")
         if demo_secret is not None:

@@ -11,6 +11,10 @@ Three dead-letter topics, each re-driven back to where it failed:
   (``complete: false``, with a replay id). An unreadable pages record is validated again
   and, if readable now, goes back to the pages topic. An entry that holds no content
   (a late page the assembler only counted) cannot be re-driven: replay the pages topic.
+  A sync's content is stale once a newer sync (or a drain) of its segment was emitted:
+  such an entry is refused unless ``--force`` (see :func:`newer_syncs`).
+  A dead letter too large for one record was written in parts (``heapsync/dlq_parts.py``);
+  :func:`load` joins them, so it is one entry here.
 - ``sink`` (``<prefix>.sink.dlq``): failed Cordial operations are gathered per original
   chunk into a delta with just those ids (and a replay id, so sinks do not take it for a
   repeat); a delta dead-lettered whole (unknown account) goes back as it was.
@@ -22,14 +26,16 @@ entries whose last outcome is ``redriven`` (``--force`` overrides); failed ones 
 tried again next time. The re-drive is produced before its mark, so a crash between the
 two re-drives that entry once more, which is harmless: every step downstream is idempotent.
 
-Everything but :func:`load` and :func:`redrive` is pure.
+Everything but :func:`load`, :func:`load_marks`, :func:`stale_entries` and :func:`redrive` is pure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -37,6 +43,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import ValidationError
 
+from heapsync import dlq_parts
 from heapsync.contracts import KNOWN_ACTIONS, Delta, PageRecord, delta_id_for, parse_heap_payload
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
@@ -82,6 +89,7 @@ class Output:
 class Plan:
     outputs: list[Output] = field(default_factory=list)
     outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # entry id -> (outcome, detail)
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_entry(source: Source, record: Record) -> Entry:
@@ -110,6 +118,9 @@ def parse_entry(source: Source, record: Record) -> Entry:
         op = doc.get("operation")
         summary = (f"{op} on list {doc.get('list_name', '?')}" if op
                    else f"delta {doc.get('delta_id', '?')} chunk {doc.get('chunk', '?')}")
+    if isinstance(doc.get("incomplete"), str) and isinstance(doc.get("split"), dict):
+        split = doc["split"]
+        summary += f" (in {split.get('parts', '?')} parts, {len(split.get('found') or [])} found)"
     return Entry(source, record, doc, account, reason, summary)
 
 
@@ -142,11 +153,37 @@ def _page_output(record: PageRecord, payload: Any) -> Output:
                   record.model_dump_json(exclude_none=False).encode())
 
 
+def rejected_body(doc: dict[str, Any]) -> bytes | str:
+    """The exact bytes of a rejected request, or why they cannot be had.
+
+    ``body`` is text (bytes that are not UTF-8 are replaced in it); ``body_base64``, when set,
+    holds the bytes as received and wins. A body cut to fit a record is not the request.
+    """
+    if doc.get("body_truncated") is True:
+        return ("the body was cut to fit a record when it was kept (the request was larger): "
+                "it is not the request Heap sent and cannot be re-driven; Heap's next sync sends it again")
+    exact = doc.get("body_base64")
+    if isinstance(exact, str):
+        try:
+            return base64.b64decode(exact, validate=True)
+        except (binascii.Error, ValueError):
+            return "body_base64 is not valid base64: the exact body is lost"
+    body = doc.get("body")
+    return body.encode() if isinstance(body, str) else "entry has no body"
+
+
 def _plan_rejected(entry: Entry) -> Output | str:
     doc = entry.doc
-    body = doc.get("body")
-    if not isinstance(body, str) or not entry.account:
-        return "entry has no body or account"
+    body = rejected_body(doc)
+    if isinstance(body, str):
+        return body
+    if not entry.account:
+        return "entry has no account"
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return (f"still invalid: the body is not UTF-8 (byte {body[exc.start]:#04x} at offset {exc.start}); "
+                "re-driving it as text would change the ids in it")
     try:
         payload = parse_heap_payload(body)
     except ValidationError as exc:
@@ -220,9 +257,157 @@ def _delta_again(data: Any, replay_id: str) -> Output | str:
     return Output("deltas", f"{again.account}:{again.list_name}".encode(), again.model_dump_json().encode())
 
 
-def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000) -> Plan:
-    """What to produce for these entries, and each entry's outcome."""
+# -- is a sync's content still current? (pure) -----------------------------------
+
+CLOCK_MARGIN_SECONDS = 300.0
+"""The deltas topic is read from this long before the earliest sync checked (clocks differ)."""
+
+
+@dataclass(frozen=True)
+class SyncRef:
+    """The sync an assembler entry would re-drive, and when it went out without this content."""
+
+    account: str
+    segment_id: str
+    sync_task_id: str
+    emitted_at: float | None  # epoch seconds; None when not recorded (an entry older than the field)
+
+
+@dataclass
+class Staleness:
+    """What the deltas topic says about one entry's sync."""
+
+    since: float | None = None  # when the sync went out without this content, if known
+    newer: list[str] = field(default_factory=list)  # syncs and drains of the segment emitted after that
+
+    def problem(self, ref: SyncRef) -> str | None:
+        """Why re-driving the entry may apply stale data; None when nothing newer was emitted."""
+        if self.since is None:
+            return (f"cannot tell when sync {ref.sync_task_id} went out without this content (the entry predates "
+                    "heapsync recording it and the sync's delta is gone from the deltas topic), so not whether a "
+                    f"newer sync of segment {ref.segment_id} was applied since")
+        if not self.newer:
+            return None
+        at = datetime.fromtimestamp(self.since, timezone.utc).isoformat(timespec="seconds")
+        shown = ", ".join(self.newer[:3]) + (f" and {len(self.newer) - 3} more" if len(self.newer) > 3 else "")
+        return (f"segment {ref.segment_id} had {len(self.newer)} newer sync(s) emitted after sync "
+                f"{ref.sync_task_id} went out without this content at {at}: {shown}")
+
+
+def sync_ref(entry: Entry) -> SyncRef | None:
+    """The sync of an assembler entry that holds sync content (a timed-out sync's pages, a late page)."""
+    if entry.source != "assembler":
+        return None
+    doc = entry.doc
+    timed_out = isinstance(doc.get("pages"), dict)
+    record = doc.get("record") if isinstance(doc.get("record"), dict) else doc.get("page")
+    if not timed_out and not isinstance(record, dict):
+        return None
+    payload = record.get("payload") if isinstance(record, dict) else None
+    data = payload.get("data") if isinstance(payload, dict) else None
+    data = data if isinstance(data, dict) else {}
+    segment_of_page: dict[str, Any] = data["segment"] if isinstance(data.get("segment"), dict) else {}
+    info: dict[str, Any] = data["sync_info"] if isinstance(data.get("sync_info"), dict) else {}
+    segment = doc.get("segment_id", segment_of_page.get("id"))
+    task = doc.get("sync_task_id", info.get("sync_task_id"))
+    account = doc.get("account") if isinstance(doc.get("account"), str) else entry.account
+    if not account or segment is None or not isinstance(task, str):
+        return None
+    at = doc.get("sync_emitted_at")
+    if isinstance(at, (int, float)) and not isinstance(at, bool):
+        emitted: float | None = float(at)
+    elif timed_out:
+        emitted = entry.record.timestamp_ms / 1000  # the dead letter went out when the sync was given up
+    else:
+        emitted = None
+    return SyncRef(account, str(segment), task, emitted)
+
+
+def _emitted_at(doc: dict[str, Any], rec: Record) -> float:
+    text = doc.get("emitted_at")
+    if isinstance(text, str):
+        try:
+            at = datetime.fromisoformat(text)
+            return (at if at.tzinfo else at.replace(tzinfo=timezone.utc)).timestamp()
+        except ValueError:
+            pass
+    return rec.timestamp_ms / 1000
+
+
+def _describe(kind: str, task: str | None, replay: str | None, at: float) -> str:
+    when = datetime.fromtimestamp(at, timezone.utc).isoformat(timespec="seconds")
+    what = f"sync {task}" if kind == "sync" else "a drain"
+    return f"{what} at {when}" + (f" (replay {replay})" if replay else "")
+
+
+def newer_syncs(refs: Mapping[str, SyncRef], deltas: Iterable[Record]) -> dict[str, Staleness]:
+    """Per entry: the syncs and drains of its segment that reached the deltas topic after its sync
+    went out without the entry's content.
+
+    A re-drive lands after everything already on the deltas topic, applied or still waiting for a
+    sink; so once a newer sync (or a drain) of the segment is there, re-driving the older sync's
+    content puts older data over newer (a late page adding x, re-driven after a newer sync removed x,
+    leaves x in the list). The deltas topic rather than the sinks' progress topic: a newer delta a
+    lagging sink has not applied yet counts too. Times are the deltas' ``emitted_at`` (the worker's
+    clock, the same that dated the entry). Deltas of the entry's own sync (a partial delta, replays
+    of it) are not newer; for an entry that does not say when its sync went out, its sync's first
+    delta stands in.
+    """
+    by_segment: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for entry_id, ref in refs.items():
+        by_segment[(ref.account, ref.segment_id)].append(entry_id)
+    prefixes = tuple({f"{ref.account}:".encode() for ref in refs.values()})
+    own_first: dict[str, float] = {}
+    others: dict[str, dict[tuple[str, str | None, str | None], float]] = defaultdict(dict)
+    for rec in deltas:
+        if rec.value is None or (rec.key is not None and not rec.key.startswith(prefixes)):
+            continue  # keyed "<account>:<list>": other accounts' deltas are not even parsed
+        try:
+            doc = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        ids = by_segment.get((str(doc.get("account")), str(doc.get("segment_id"))))
+        if not ids:
+            continue
+        at = _emitted_at(doc, rec)
+        kind = str(doc.get("kind") or "sync")
+        task = doc.get("sync_task_id") if isinstance(doc.get("sync_task_id"), str) else None
+        replay = doc.get("replay_id") if isinstance(doc.get("replay_id"), str) else None
+        for entry_id in ids:
+            if kind == "sync" and task == refs[entry_id].sync_task_id:
+                if replay is None:
+                    own_first[entry_id] = min(at, own_first.get(entry_id, at))
+                continue
+            seen = others[entry_id]
+            seen[(kind, task, replay)] = min(at, seen.get((kind, task, replay), at))
+    out: dict[str, Staleness] = {}
+    for entry_id, ref in refs.items():
+        since = ref.emitted_at if ref.emitted_at is not None else own_first.get(entry_id)
+        newer = [] if since is None else sorted(
+            (at, _describe(kind, task, replay, at)) for (kind, task, replay), at in others[entry_id].items()
+            if at > since)
+        out[entry_id] = Staleness(since, [text for _, text in newer])
+    return out
+
+
+def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000,
+                 stale: Mapping[str, str] | None = None, force: bool = False) -> Plan:
+    """What to produce for these entries, and each entry's outcome.
+
+    ``stale``: entry id -> why re-driving it may apply older data over newer (:func:`newer_syncs`).
+    Such an entry is refused, unless ``force``, which re-drives it with a warning. Sync content is
+    re-driven oldest sync first: dead letters are keyed by sync, so two syncs of one segment may
+    sit on different partitions and be read in either order.
+    """
     plan = Plan()
+
+    def age(entry: Entry) -> float:
+        ref = sync_ref(entry)
+        return float("-inf") if ref is None else (ref.emitted_at or entry.record.timestamp_ms / 1000)
+
+    entries = sorted(entries, key=age)  # stable: everything but sync content keeps its order
 
     def settle(entry: Entry, result: Output | list[Output] | str) -> None:
         if isinstance(result, str):
@@ -234,9 +419,18 @@ def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000
     ops: dict[tuple[str, str, str, int, str], list[Entry]] = defaultdict(list)
     for entry in entries:
         doc = entry.doc
-        if entry.source == "rejected":
+        problem = (stale or {}).get(entry.id)
+        if isinstance(doc.get("incomplete"), str):
+            settle(entry, f"{doc['incomplete']}: cannot re-drive it")
+        elif problem is not None and not force:
+            settle(entry, f"refused: {problem}. Re-driving it would put this older sync's data over the newer "
+                          "one's; --force re-drives it anyway")
+        elif entry.source == "rejected":
             settle(entry, _plan_rejected(entry))
         elif entry.source == "assembler":
+            if problem is not None:
+                plan.warnings.append(f"{entry.id} re-driven with --force although {problem}: its older data may "
+                                     "undo newer changes; check the list afterwards")
             settle(entry, _plan_assembler(entry, replay_id, chunk_size))
         elif isinstance(doc.get("delta"), dict):
             settle(entry, _delta_again(doc["delta"], replay_id))
@@ -298,7 +492,7 @@ def load(settings: Any, sources: Iterable[Source] = SOURCES) -> list[Entry]:
     topics = settings.topics.dead_letter_topics()
     entries: list[Entry] = []
     for source in sources:
-        for rec in read_topic(settings.kafka_bootstrap, topics[source], idle_timeout=10.0):
+        for rec in dlq_parts.join(read_topic(settings.kafka_bootstrap, topics[source], idle_timeout=10.0)):
             if rec.value is not None:
                 entries.append(parse_entry(source, rec))
     return entries
@@ -312,11 +506,28 @@ class RedriveReport:
     skipped_done: int = 0
     produced: dict[str, int] = field(default_factory=lambda: {"pages": 0, "deltas": 0})
     outcomes: list[dict[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {"replay_id": self.replay_id, "dry_run": self.dry_run, "considered": self.considered,
                 "skipped_already_redriven": self.skipped_done, "produced": self.produced,
-                "outcomes": self.outcomes}
+                "outcomes": self.outcomes, "warnings": self.warnings}
+
+
+def stale_entries(settings: Any, entries: list[Entry]) -> dict[str, str]:
+    """Entry id -> why re-driving it may apply stale data, from the deltas topic (:func:`newer_syncs`).
+
+    Reads the deltas topic from a little before the earliest sync checked (from its beginning
+    when an entry does not say when its sync went out).
+    """
+    refs = {e.id: ref for e in entries if (ref := sync_ref(e)) is not None}
+    if not refs:
+        return {}
+    known = [r.emitted_at for r in refs.values() if r.emitted_at is not None]
+    since_ms = int((min(known) - CLOCK_MARGIN_SECONDS) * 1000) if len(known) == len(refs) else None
+    verdicts = newer_syncs(refs, read_topic(settings.kafka_bootstrap, settings.topics.deltas, since_ms=since_ms,
+                                            idle_timeout=10.0))
+    return {i: p for i, v in verdicts.items() if (p := v.problem(refs[i])) is not None}
 
 
 def redrive(settings: Any, entries: list[Entry], marks: dict[str, dict[str, Any]], *, replay_id: str,
@@ -329,7 +540,9 @@ def redrive(settings: Any, entries: list[Entry], marks: dict[str, dict[str, Any]
             continue
         todo.append(e)
     report.considered = len(todo)
-    plan = plan_redrive(todo, replay_id, chunk_size=settings.delta_chunk_size)
+    plan = plan_redrive(todo, replay_id, chunk_size=settings.delta_chunk_size, stale=stale_entries(settings, todo),
+                        force=force)
+    report.warnings = plan.warnings
     by_id = {e.id: e for e in todo}
     for entry_id, (outcome, detail) in plan.outcomes.items():
         report.outcomes.append({"entry": entry_id, "reason": by_id[entry_id].reason, "outcome": outcome,

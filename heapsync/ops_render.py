@@ -3,32 +3,68 @@
 rich is used for both the tables and the replay progress bar: one library, it
 degrades to plain text when output is not a terminal, and it writes the bar to
 stderr so stdout stays clean for scripts.
+
+Cells hold what Heap sent (segment names, sync ids) and what others wrote on our topics,
+so every string is printed as plain text, never read as rich markup (a segment named
+``[/x]`` would crash the command, ``[link=...]`` would become a link), and control
+characters and terminal escape sequences are taken out before they reach the terminal.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, screen clears
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\|$)"  # OSC: window titles, hyperlinks, clipboard writes
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\|$)"  # DCS, SOS, PM, APC strings
+    r"|\x9b[0-?]*[ -/]*[@-~]"  # 8-bit CSI
+    r"|\x1b[ -/]*[0-~]?"  # any other escape
+)
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+"""Direction overrides: they reorder what the terminal shows after them."""
+
+
+def plain(value: object) -> str:
+    """``value`` as one line of printable text: escape sequences and control characters out, line breaks as spaces."""
+    text = _ESCAPE_SEQUENCE.sub("", str(value))
+    if text.isprintable():
+        return text
+    return "".join(" " if ch in "\t\n\r\v\f" else "" if unicodedata.category(ch) == "Cc" or ch in _BIDI else ch
+                   for ch in text)
+
+
+def _text(value: object) -> Text:
+    """Plain text for rich: a ``Text`` is never parsed for markup or emoji codes."""
+    return Text(plain(value))
 
 
 def _console() -> Console:
     # a terminal gets its own width; piped output gets wide lines rather than cut-off ids
     probe = Console()
-    return Console(soft_wrap=False, width=None if probe.is_terminal else 220)
+    return Console(soft_wrap=False, width=None if probe.is_terminal else 220, highlight=False)
+
+
+def _say(line: str) -> None:
+    _console().print(_text(line))
 
 
 def render_rows(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     console = _console()
     if not rows:
-        console.print(f"{title}: none")
+        console.print(_text(f"{title}: none"))
         return
-    table = Table(title=title, title_justify="left")
+    table = Table(title=_text(title), title_justify="left")
     for c in columns:
-        table.add_column(c)
+        table.add_column(_text(c))
     for r in rows:
-        table.add_row(*("" if r.get(c) is None else str(r.get(c)) for c in columns))
+        table.add_row(*(_text("" if r.get(c) is None else r.get(c)) for c in columns))
     console.print(table)
 
 
@@ -38,7 +74,7 @@ def render_replay(report: Any) -> None:
     render_rows(f"{report.kind}: {verb} {report.selected} records (replay id {report.replay_id})", rows,
                 ["account", "segment", "sync", "records"])
     skipped = ", ".join(f"{k}: {v}" for k, v in sorted(report.skipped.items())) or "none"
-    _console().print(f"read {report.read}, produced {report.produced}, skipped {skipped}")
+    _say(f"read {report.read}, produced {report.produced}, skipped {skipped}")
     incomplete = report.incomplete()
     if incomplete:
         render_rows("WARNING: syncs only partly in the range (move --since earlier)", incomplete,
@@ -48,7 +84,9 @@ def render_replay(report: Any) -> None:
 def render_status(doc: dict[str, Any]) -> None:
     render_rows("consumer lag", doc["lag"], ["group", "topic", "partition", "committed", "end", "lag"])
     totals = ", ".join(f"{g}: {n}" for g, n in doc["lag_total"].items()) or "none"
-    _console().print(f"total lag: {totals}")
+    _say(f"total lag: {totals}")
+    for group, why in sorted(doc.get("lag_unknown", {}).items()):
+        _say(f"lag of {group} unknown: its committed offsets could not be read ({why})")
     render_rows("open syncs", doc["open_syncs"],
                 ["account", "segment_name", "sync", "pages_received", "total_pages", "age_seconds"])
     dl = [{"topic": src, "reason": reason, "count": n}

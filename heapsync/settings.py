@@ -6,6 +6,7 @@ them through the environment (see README, "Settings").
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tomllib
@@ -19,6 +20,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from heapsync.topics import Topics
 
 ACCOUNT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+MIN_SECRET_LENGTH = 16
+"""Shortest webhook secret the accounts file may hold (characters, leading/trailing spaces not counted).
+
+Anyone who knows or guesses a secret can sign any request for its account: an empty secret
+signs for everyone, a short one falls to a guess. Heap generates long random secrets.
+"""
 
 
 class AccountError(ValueError):
@@ -103,7 +111,49 @@ def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
                 f"{'.'.join(str(p) for p in e['loc']) or '(table)'}: {e['msg']}" for e in exc.errors()
             )
             raise AccountError(f"{source}: accounts.{account_id}: {problems}") from exc
+    check_secrets(accounts, source)
     return accounts
+
+
+def check_secrets(accounts: dict[str, Account], source: str = "<accounts>") -> None:
+    """Refuse short secrets, and a secret shared by two accounts.
+
+    The signature covers ``ts`` and the body, not the account: with a shared secret, a
+    request signed for one account is accepted on the other's URL. Errors name accounts
+    and positions, never the secret.
+    """
+    owner: dict[bytes, str] = {}
+    for account_id, account in accounts.items():
+        values = [s.get_secret_value() for s in account.heap_webhook_secrets]
+        for n, secret in enumerate(values, start=1):
+            where = f"{source}: accounts.{account_id}: heap_webhook_secrets entry {n} of {len(values)}"
+            if not secret.strip():
+                raise AccountError(f"{where} is empty")
+            if len(secret.strip()) < MIN_SECRET_LENGTH:
+                raise AccountError(f"{where} is too short: a webhook secret needs at least "
+                                   f"{MIN_SECRET_LENGTH} characters")
+            other = owner.setdefault(_hmac_key(secret.encode()), account_id)
+            if other != account_id:
+                raise AccountError(
+                    f"{source}: accounts {other!r} and {account_id!r} share a webhook secret: a request "
+                    f"signed for one would be accepted for the other; give each account its own secret")
+
+
+def _hmac_key(secret: bytes) -> bytes:
+    """The key HMAC-SHA256 really uses: a key over 64 bytes is hashed, a shorter one padded with zeros.
+
+    So ``k`` and ``k + b"\\0"``, or a long key and its SHA-256, sign alike and count as one secret.
+    """
+    key = hashlib.sha256(secret).digest() if len(secret) > 64 else secret
+    return key.rstrip(b"\0")
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """``HEAPSYNC_<NAME>: <problem>`` for each invalid setting, on one line, without the values (they may be secrets)."""
+    return "; ".join(
+        f"{'HEAPSYNC_' + str(e['loc'][0]).upper() if e['loc'] else '(settings)'}: {e['msg']}"
+        for e in exc.errors(include_url=False, include_input=False)
+    )
 
 
 def load_accounts(path: Path) -> dict[str, Account]:
@@ -129,11 +179,27 @@ class Settings(BaseSettings):
     # ingest
     ingest_host: str = "127.0.0.1"
     ingest_port: int = 8080
+    admin_host: str = Field("127.0.0.1", description="Where the ingress serves /metrics, /status and /openapi.json.")
+    admin_port: int | None = Field(
+        8090, ge=0, le=65535, description="Port of the ingress's admin listener; 0 or empty turns it off."
+    )
     signature_max_age_seconds: float = Field(
         3600.0, gt=0, description="How old a Heap-Hash ts may be; generous so Heap's retries pass."
     )
     signature_max_future_seconds: float = Field(60.0, ge=0)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)
+    max_compressed_body_bytes: int = Field(
+        16 * 1024 * 1024, gt=0, description="Bytes as sent of a gzip/deflate body; its decoded size counts "
+        "against max_body_bytes."
+    )
+    ingest_max_body_reads: int = Field(
+        8, ge=1, description="Webhook bodies read, decoded and signature-checked at once (each may hold about "
+        "twice max_body_bytes); more wait up to produce_timeout_seconds, then 503."
+    )
+    ingest_body_read_timeout_seconds: float = Field(
+        60.0, gt=0, description="A body must have arrived this long after its headers, else 408: a slow sender "
+        "does not keep a read slot."
+    )
     produce_timeout_seconds: float = Field(10.0, gt=0)
     ingest_queue_max_kbytes: int = Field(
         64 * 1024, ge=1024, description="Local producer queue bound; above it the ingress answers 503 at once."
@@ -152,6 +218,10 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = Field(3600.0, gt=0)
     partial_policy: Literal["emit", "dead-letter"] = "emit"
     delta_chunk_size: int = Field(5000, ge=1)
+    dead_letter_part_bytes: int = Field(
+        1_000_000, ge=16_384, le=16 * 1024 * 1024 - 65_536,
+        description="Largest assembler dead-letter record; a larger dead letter is split into parts (heapsync/dlq_parts.py)."
+    )
     processor_recovery_consistency_check: bool = Field(
         True, description="Faust's check that local RocksDB state is not ahead of its changelog. Tansu reports a "
         "partition's end as the first offset of its last batch, which trips the check after a restart: off on Tansu."
@@ -192,6 +262,14 @@ class Settings(BaseSettings):
     sink_shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGTERM, how long in-flight chunks may finish before they are abandoned."
     )
+    sink_revoke_grace_seconds: float = Field(
+        5.0, ge=0, description="On a rebalance, how long the revoked partitions' in-flight chunks may finish before "
+        "they are cancelled and the partitions given up (well under the session and max-poll timeouts)."
+    )
+    sink_applied_max_chunks: int = Field(
+        500_000, ge=1, description="Most applied chunk keys kept in memory for repeat detection (the oldest go first; "
+        "keys also expire with the topic retention, as in the progress topic)."
+    )
     sink_bulk_threshold: int = Field(
         10_000, ge=1, description="Deltas with more operations than this go through a contact import."
     )
@@ -219,8 +297,14 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     metrics_port: int | None = Field(
-        None, description="Serve Prometheus /metrics on this port (processor and sink; the ingress serves its own)."
+        None, description="Serve Prometheus /metrics on this port (processor and sinks; the ingress serves its own on the "
+        "admin listener)."
     )
+
+    @field_validator("admin_port", mode="before")
+    @classmethod
+    def _off_when_empty(cls, v: object) -> object:
+        return None if v in ("", 0, "0") else v
 
     @cached_property
     def topics(self) -> Topics:

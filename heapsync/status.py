@@ -14,6 +14,7 @@ grow or change shape (``received`` as a list of page numbers or as a counter).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -125,14 +126,56 @@ def consumer_groups(settings: Any) -> dict[str, str]:
     return groups
 
 
-def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
-    from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-    from confluent_kafka.admin import AdminClient
+class LagUnknown(Exception):
+    """The group's committed offsets could not be read (its coordinator is loading or unreachable)."""
 
-    admin = AdminClient(client_config(settings.kafka_bootstrap))
+
+def committed_offsets(bootstrap: str, group: str, tps: list[Any], timeout: float) -> dict[int, int]:
+    """A group's committed offset per partition, waiting out a coordinator that is (re)loading.
+
+    On Apache Kafka the group coordinator loads its ``__consumer_offsets`` partition after a start
+    or a leader change and answers "not coordinator" or "load in progress" meanwhile: retried until
+    ``timeout``. Read with a consumer of the group that never joins it (OffsetFetch only), not the
+    admin API: librdkafka's ``list_consumer_group_offsets`` can crash the process (SIGSEGV) on
+    exactly those answers.
+    """
+    from confluent_kafka import Consumer, KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout
+    reader = Consumer({**client_config(bootstrap), "group.id": group, "enable.auto.commit": False})
+    try:
+        while True:
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                return {tp.partition: tp.offset for tp in reader.committed(tps, timeout=left)}
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, KafkaError) else None
+                if code not in _coordinator_busy() or time.monotonic() >= deadline:
+                    raise LagUnknown(str(err or exc)) from exc
+            time.sleep(0.5)
+    finally:
+        reader.close()
+
+
+@functools.cache
+def _coordinator_busy() -> frozenset[int]:
+    """Answers that mean "ask again shortly": the coordinator is loading, moving or not reachable yet."""
+    from confluent_kafka import KafkaError
+
+    return frozenset({KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                      KafkaError.NOT_COORDINATOR, KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT,
+                      KafkaError._TRANSPORT, KafkaError._WAIT_COORD})
+
+
+def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
+    """Lag per group and partition, and the groups whose committed offsets could not be read (with why)."""
+    from confluent_kafka import Consumer, TopicPartition
+
     probe = Consumer({**client_config(settings.kafka_bootstrap), "group.id": "heapsync-status-probe",
                       "enable.auto.commit": False})
     rows: list[PartitionLag] = []
+    unknown: dict[str, str] = {}
     required = {settings.processor_group, settings.sink_group}
     try:
         for group, topic in consumer_groups(settings).items():
@@ -141,11 +184,12 @@ def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
                 continue
             tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
             try:
-                fut = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                        request_timeout=timeout)[group]
-                committed = {tp.partition: tp.offset for tp in fut.result(timeout).topic_partitions}
-            except KafkaException:
-                committed = {}
+                committed = committed_offsets(settings.kafka_bootstrap, group, tps, timeout)
+            except LagUnknown as exc:
+                # a lag computed without the committed offsets would be the whole topic: say so instead
+                if group in required:
+                    unknown[group] = str(exc)
+                continue
             if group not in required and not any(c is not None and c >= 0 for c in committed.values()):
                 continue  # an optional consumer (e.g. the archive sink) that has never run here
             for tp in tps:
@@ -155,14 +199,14 @@ def group_lag(settings: Any, timeout: float = 10.0) -> list[PartitionLag]:
                 rows.append(PartitionLag(group, topic, tp.partition, c, high, lag_of(c, low, high)))
     finally:
         probe.close()
-    return rows
+    return rows, unknown
 
 
 def gather(settings: Any) -> dict[str, Any]:
     from heapsync import dlq
 
     now = time.time()
-    lag = group_lag(settings)
+    lag, lag_unknown = group_lag(settings)
     totals: dict[str, int] = {}
     for row in lag:
         totals[row.group] = totals.get(row.group, 0) + row.lag
@@ -175,6 +219,7 @@ def gather(settings: Any) -> dict[str, Any]:
         "at": now,
         "lag": [row.__dict__ for row in lag],
         "lag_total": totals,
+        "lag_unknown": lag_unknown,
         "open_syncs": open_syncs(changelog, now),
         "dead_letters": dlq.counts_by_reason(entries, marks),
         "last_applied": applied,

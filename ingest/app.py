@@ -1,10 +1,14 @@
 """The webhook receiver: verify, validate, hand to Kafka, and only then answer 200.
 
-Order of checks for ``POST /heap/listMembership/{account_id}``:
-account (404) -> content type (415) -> body size while reading (413) ->
+Order of checks for ``POST /heap/listMembership/{account_id}``, the cheap ones first:
+account (404) -> content type (415) -> a well-formed ``Heap-Hash`` header (403; before
+a byte of the body is read) -> content encoding (415) -> a body read slot (503 with
+Retry-After when all are busy) -> body while reading: size as sent and decoded (413),
+decodes with nothing after its compressed stream (400), arrives in time (408) ->
 signature, before any JSON parsing (403) -> payload (400, kept in the rejected
 topic; an unknown action type is 200 and kept there too) -> produce (503 with
 Retry-After when Kafka does not ack in time or the local queue is full) -> 200.
+Nothing refused before the payload check is written anywhere.
 
 Every answer is a JSON body and carries ``X-Request-Id``; every request is one
 JSON log line and a few Prometheus observations (``ingest/metrics.py``).
@@ -31,11 +35,11 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord
+from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord, signed_digest
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
-from ingest.status_page import add_status_routes
+from ingest.status_page import TAILER_KEY, add_status_routes
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -85,9 +89,31 @@ def request_id_from(header: str | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
+def printable(text: str) -> str:
+    """``text`` fit for JSON: bytes that were not UTF-8 spelled ``\\xNN``, exactly and in plain text.
+
+    aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so a byte such as ``\\xe9``
+    arrives as a lone surrogate, which no JSON encoder (orjson, pydantic) accepts: without this,
+    a record or an answer holding such a header would fail to serialise (a 500, nothing kept).
+    """
+    if text.isascii():  # the common case, without encoding anything
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (not from a parser): replace it
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def safe_headers(headers: Any) -> dict[str, str]:
-    """Request headers fit to keep: anything that carries or derives from a secret is left out."""
-    return {k: v for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
+    """Request headers fit to keep: anything that carries or derives from a secret is left out,
+    and the rest is made printable (``printable``), so that the record holding them always serialises."""
+    return {printable(k): printable(v) for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
 
 
 def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -98,14 +124,17 @@ def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes) -> bytes:
+def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes,
+                      signed_digest: str | None = None) -> bytes:
     """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
 
     Equal to ``PageRecord(...).model_dump_json()`` when read back, without
     re-serialising a body of thousands of ids (``tests/test_ingest_app.py`` checks it).
+    ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
     """
     head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
-                         "received_at": received_at, "replay_id": None})
+                         "received_at": received_at, "replay_id": None,
+                         **({"signed_digest": signed_digest} if signed_digest else {})})
     return head[:-1] + b',"payload":' + body + b"}"
 
 
@@ -149,7 +178,17 @@ def examine(header: str | None, body: bytes, secrets: list[bytes], now_ms: int,
     unknown action type comes back without payload (kept, not refused); a known one is validated.
     """
     try:
-        signature.check(header, body, secrets, now_ms=now_ms, window=window)
+        heap_hash = signature.parse_heap_hash(header)
+    except signature.SignatureError as exc:
+        return Examined(problem=exc.problem)
+    return examine_signed(heap_hash, body, secrets, now_ms, window)
+
+
+def examine_signed(heap_hash: signature.HeapHash, body: bytes, secrets: list[bytes], now_ms: int,
+                   window: signature.Window) -> Examined:
+    """``examine`` for a header already parsed (the handler parses it before reading the body)."""
+    try:
+        signature.verify(heap_hash, body, secrets, now_ms=now_ms, window=window)
     except signature.SignatureError as exc:
         return Examined(problem=exc.problem)
     try:
@@ -172,7 +211,12 @@ def examine(header: str | None, body: bytes, secrets: list[bytes], now_ms: int,
 
 
 class BodyTooLarge(Exception):
-    pass
+    """Over a limit: ``limit`` bytes ``counted`` as sent on the wire (compressed) or as decoded."""
+
+    def __init__(self, limit: int, counted: str = "decoded") -> None:
+        super().__init__(f"{counted} body over {limit} bytes")
+        self.limit = limit
+        self.counted = counted
 
 
 class UnreadableBody(Exception):
@@ -184,6 +228,7 @@ class UnsupportedEncoding(Exception):
 
 
 _ZLIB_AUTO = zlib.MAX_WBITS | 32  # zlib or gzip header, detected
+TRAILING_DATA = "data after the end of the compressed stream"
 
 
 def body_decoder(content_encoding: str | None) -> Any:
@@ -200,43 +245,102 @@ def body_decoder(content_encoding: str | None) -> Any:
     raise UnsupportedEncoding(encoding)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes (decoded), counting as they arrive (chunked bodies have no length)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge
-    decoder = body_decoder(request.headers.get("Content-Encoding"))
-    if decoder is None and request.content_length is not None:
-        try:  # the common case: one call, no per-chunk loop
-            return await request.content.readexactly(request.content_length)
+class BodyDecoder:
+    """Decode a body chunk by chunk within two limits: bytes as sent, and bytes decoded. Pure, no I/O.
+
+    Each chunk is counted before it is decoded, decoding never yields more than the decoded limit
+    allows (a gzip bomb stops at the limit), and the first byte after the end of the compressed
+    stream is refused (a second gzip member, or padding sent to be buffered for free): nothing is
+    collected that is not counted, and nothing is copied more than once.
+    """
+
+    __slots__ = ("limit", "wire_limit", "received", "size", "_zlib", "_chunks")
+
+    def __init__(self, content_encoding: str | None, limit: int, wire_limit: int) -> None:
+        self._zlib = body_decoder(content_encoding)  # UnsupportedEncoding first: before any byte
+        self.limit = limit
+        self.wire_limit = limit if self._zlib is None else wire_limit  # identity: as sent is as decoded
+        self.received = 0
+        self.size = 0
+        self._chunks: list[bytes] = []
+
+    @property
+    def compressed(self) -> bool:
+        return self._zlib is not None
+
+    def feed(self, chunk: bytes) -> None:
+        """Take the next bytes as received; raise ``BodyTooLarge`` or ``UnreadableBody`` as soon as they are."""
+        self.received += len(chunk)
+        if self.received > self.wire_limit:
+            raise BodyTooLarge(self.wire_limit, "compressed" if self.compressed else "decoded")
+        if self._zlib is not None:
+            if self._zlib.eof:
+                if chunk:
+                    raise UnreadableBody(TRAILING_DATA)
+                return
+            try:
+                chunk = self._zlib.decompress(chunk, self.limit - self.size + 1)
+            except zlib.error as exc:
+                raise UnreadableBody(f"body does not decode: {exc}") from exc
+            if self._zlib.unconsumed_tail:  # output stopped at the limit with input left: over it
+                raise BodyTooLarge(self.limit)
+            if self._zlib.unused_data:
+                raise UnreadableBody(TRAILING_DATA)
+        self._add(chunk)
+
+    def finish(self) -> bytes:
+        """The whole decoded body, once the last chunk was fed."""
+        if self._zlib is not None:
+            try:
+                tail = self._zlib.flush()
+            except zlib.error as exc:
+                raise UnreadableBody(f"body does not decode: {exc}") from exc
+            self._add(tail)
+            if not self._zlib.eof:
+                raise UnreadableBody("compressed body ends early")
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise BodyTooLarge(self.limit)
+        if data:
+            self._chunks.append(data)
+
+
+def _payload_error(exc: RequestPayloadError) -> UnreadableBody:
+    return UnreadableBody(str(exc).split(",", 1)[-1].strip()[:200])
+
+
+async def read_body(request: web.Request, limit: int, wire_limit: int | None = None) -> bytes:
+    """Read at most ``limit`` decoded bytes and ``wire_limit`` bytes as sent, counting as they arrive.
+
+    Chunked bodies have no length, so every chunk is counted (``BodyDecoder``); a declared
+    Content-Length over the limit is refused before a byte is read.
+    """
+    encoding = request.headers.get("Content-Encoding")
+    length = request.content_length
+    if encoding is None and length is not None:  # the common case: one call, no per-chunk loop
+        if length > limit:
+            raise BodyTooLarge(limit)
+        try:
+            return await request.content.readexactly(length)
         except asyncio.IncompleteReadError as exc:
             raise UnreadableBody("body shorter than its Content-Length") from exc
         except RequestPayloadError as exc:
-            raise UnreadableBody(str(exc).split(",", 1)[-1].strip()[:200]) from exc
-    chunks: list[bytes] = []
-    size = 0
+            raise _payload_error(exc) from exc
+    decoder = BodyDecoder(encoding, limit, limit if wire_limit is None else wire_limit)
+    if length is not None and length > decoder.wire_limit:
+        raise BodyTooLarge(decoder.wire_limit, "compressed" if decoder.compressed else "decoded")
     try:
         async for chunk in request.content.iter_any():
-            if decoder is not None:
-                chunk = decoder.decompress(chunk, limit - size + 1)
-                if decoder.unconsumed_tail:
-                    raise BodyTooLarge
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(chunk)
-        if decoder is not None:
-            tail = decoder.flush()
-            size += len(tail)
-            if size > limit:
-                raise BodyTooLarge
-            chunks.append(tail)
-            if not decoder.eof:
-                raise UnreadableBody("compressed body ends early")
-    except zlib.error as exc:
-        raise UnreadableBody(f"body does not decode: {exc}") from exc
+            decoder.feed(chunk)
     except RequestPayloadError as exc:
-        raise UnreadableBody(str(exc).split(",", 1)[-1].strip()[:200]) from exc
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise _payload_error(exc) from exc
+    return decoder.finish()
 
 
 def is_json_content_type(request: web.Request) -> bool:
@@ -244,7 +348,10 @@ def is_json_content_type(request: web.Request) -> bool:
     raw = request.headers.get("Content-Type")
     if raw is None or raw == "application/json":  # the common cases, without parsing the header
         return True
-    ctype = request.content_type
+    try:
+        ctype = request.content_type
+    except Exception:  # noqa: BLE001 - the stdlib's header parser raises IndexError on some junk (";0*")
+        return False
     return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
@@ -272,6 +379,22 @@ class Unavailable(Exception):
         self.reason = reason
 
 
+DRAIN_MAX_BYTES = 64 * 1024
+"""A body refused unread is drained (keeping the connection) only up to this declared length."""
+
+
+def unread(request: web.Request, resp: web.Response) -> web.Response:
+    """``resp``, for a request refused before its body was read.
+
+    A small body with a Content-Length is left for aiohttp to drain, so the connection stays
+    usable; a large or chunked one is not worth reading at all: the connection closes after the answer.
+    """
+    if not request.content.is_eof() and (request.content_length is None
+                                         or request.content_length > DRAIN_MAX_BYTES):
+        resp.force_close()
+    return resp
+
+
 class Ingress:
     """Handlers bound to one producer slot and one set of accounts."""
 
@@ -287,6 +410,7 @@ class Ingress:
         self._openapi = orjson.dumps(openapi.document())
         self._produce_ok = {kind: metrics.PRODUCE_LATENCY.labels(kind, "acked") for kind in ("pages", "rejected")}
         self._ids_add, self._ids_remove = metrics.IDS.labels("add"), metrics.IDS.labels("remove")
+        self._body_slots = asyncio.Semaphore(settings.ingest_max_body_reads)
 
     # ---- the webhook
 
@@ -297,43 +421,78 @@ class Ingress:
         account = self.accounts.get(account_id)
         if account is None:
             outcome.reason = "unknown account"
-            return json_error(404, "Unknown account")
+            return unread(request, json_error(404, "Unknown account"))
         outcome.account = account_id
         if not is_json_content_type(request):
             outcome.reason = "unsupported content type"
-            return json_error(415, "Content-Type must be application/json", content_type=request.content_type)
+            return unread(request, json_error(415, "Content-Type must be application/json",
+                                              content_type=printable(request.headers.get("Content-Type", ""))[:100]))
+        # Everything that can be refused without the body is, before a byte of it is read: without a
+        # well-formed Heap-Hash nothing can be accepted, so an unsigned body is never read, decoded or hashed.
         try:
-            body = await read_body(request, self.settings.max_body_bytes)
-        except UnsupportedEncoding as exc:
-            outcome.reason = "unsupported content encoding"
-            resp = json_error(415, "Content-Encoding must be gzip, deflate or identity", content_encoding=str(exc)[:50])
-            resp.force_close()
-            return resp
-        except UnreadableBody as exc:
-            outcome.reason = "unreadable body"
-            resp = json_error(400, "Unreadable body", reason=str(exc))
-            resp.force_close()
-            return resp
-        except BodyTooLarge:
-            outcome.reason = "body too large"
-            resp = json_error(413, "Body too large", limit_bytes=self.settings.max_body_bytes)
-            resp.force_close()  # the rest of the body is not worth reading on this connection
-            return resp
-        metrics.BODY_BYTES.observe(len(body))
+            heap_hash = signature.parse_heap_hash(request.headers.get("Heap-Hash"))
+        except signature.SignatureError as exc:
+            return unread(request, self._forbidden(outcome, exc.problem))
+        if not signature.decode_signature(heap_hash.signature):
+            # no secret can make this: the answer a wrong signature gets, without reading the body
+            return unread(request, self._forbidden(outcome, signature.SignatureProblem.MISMATCH))
+        content_encoding = request.headers.get("Content-Encoding")
+        if content_encoding is not None:
+            try:
+                body_decoder(content_encoding)
+            except UnsupportedEncoding as exc:
+                outcome.reason = "unsupported content encoding"
+                return unread(request, json_error(415, "Content-Encoding must be gzip, deflate or identity",
+                                                  content_encoding=printable(str(exc))[:50]))
 
-        received_at = datetime.now(timezone.utc)
-        args = (request.headers.get("Heap-Hash"), body, self._secrets[account_id], int(time.time() * 1000),
-                self.window)
-        if len(body) > OFFLOAD_BYTES:
-            # hashing releases the GIL and the loop gets its turns meanwhile: a huge page
-            # does not stall every other request (and /healthz) for the length of its parse
-            examined = await asyncio.get_running_loop().run_in_executor(None, examine, *args)
+        slots = self._body_slots
+        if slots.locked():
+            try:
+                async with asyncio.timeout(self.settings.produce_timeout_seconds):
+                    await slots.acquire()
+            except TimeoutError:
+                outcome.reason = "too many bodies being read"
+                metrics.UNAVAILABLE.labels("busy").inc()
+                return unread(request, json_error(503, "Service unavailable", {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                                                  reason=outcome.reason, request_id=request_id))
         else:
-            examined = examine(*args)
+            await slots.acquire()  # free: returns at once
+        try:  # one slot per body being read, decoded and signature-checked: bounded memory and CPU
+            try:
+                body = await self._read(request)
+            except UnreadableBody as exc:
+                outcome.reason = "unreadable body"
+                resp = json_error(400, "Unreadable body", reason=str(exc))
+                resp.force_close()
+                return resp
+            except BodyTooLarge as exc:
+                outcome.reason = "body too large"
+                extra: dict[str, Any] = {"limit_bytes": exc.limit}
+                if exc.counted == "compressed":
+                    extra["counted"] = "compressed"
+                resp = json_error(413, "Body too large", **extra)
+                resp.force_close()  # the rest of the body is not worth reading on this connection
+                return resp
+            except TimeoutError:
+                outcome.reason = "body not received in time"
+                resp = json_error(408, "Body not received in time",
+                                  timeout_seconds=self.settings.ingest_body_read_timeout_seconds)
+                resp.force_close()
+                return resp
+            metrics.BODY_BYTES.observe(len(body))
+
+            received_at = datetime.now(timezone.utc)
+            args = (heap_hash, body, self._secrets[account_id], int(time.time() * 1000), self.window)
+            if len(body) > OFFLOAD_BYTES:
+                # hashing releases the GIL and the loop gets its turns meanwhile: a huge page
+                # does not stall every other request (and /healthz) for the length of its parse
+                examined = await asyncio.get_running_loop().run_in_executor(None, examine_signed, *args)
+            else:
+                examined = examine_signed(*args)
+        finally:
+            slots.release()
         if examined.problem is not None:
-            outcome.reason = examined.problem.value
-            metrics.SIGNATURE_FAILURES.labels(examined.problem.name.lower()).inc()
-            return self._forbidden(examined.problem)
+            return self._forbidden(outcome, examined.problem)
         if examined.errors is not None:
             return await self._invalid(request, outcome, account_id, request_id, received_at, body, examined.errors)
         action = examined.action
@@ -345,7 +504,10 @@ class Ingress:
             await self._keep(request, outcome, account_id, request_id, received_at, body, reason, [], "unsupported_action")
             return json_response(200, {"status": "kept", "reason": "unsupported action_type", "request_id": request_id})
 
-        value = page_record_bytes(account_id, request_id, received_at, body)
+        # a drain is named by what is signed, so the same signed drain posted again is a repeat (issue 16 #3)
+        digest = (signed_digest(signature.parse_heap_hash(request.headers.get("Heap-Hash")).ts, body)
+                  if isinstance(payload, HeapDrain) else None)
+        value = page_record_bytes(account_id, request_id, received_at, body, digest)
         await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
             if payload.data.add:
@@ -355,7 +517,17 @@ class Ingress:
         outcome.reason = action
         return json_response(200, {"status": "accepted", "request_id": request_id})
 
-    def _forbidden(self, problem: signature.SignatureProblem) -> web.Response:
+    async def _read(self, request: web.Request) -> bytes:
+        """The decoded body, within the size limits and (unless it is all here already) the read timeout."""
+        limit, wire_limit = self.settings.max_body_bytes, self.settings.max_compressed_body_bytes
+        if request.content.is_eof():  # the whole body came with the headers: no timer to set
+            return await read_body(request, limit, wire_limit)
+        async with asyncio.timeout(self.settings.ingest_body_read_timeout_seconds):
+            return await read_body(request, limit, wire_limit)
+
+    def _forbidden(self, outcome: Outcome, problem: signature.SignatureProblem) -> web.Response:
+        outcome.reason = problem.value
+        metrics.SIGNATURE_FAILURES.labels(problem.name.lower()).inc()
         if problem is signature.SignatureProblem.MISMATCH:
             return json_error(403, "Invalid signature")
         extra: dict[str, Any] = {"reason": problem.value}
@@ -419,6 +591,9 @@ class Ingress:
         return json_response(200, {"status": "ready", "topics": wanted})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        tailer = request.app.get(TAILER_KEY)
+        if tailer is not None:  # the gauges for alerts come from the status reader: a scrape starts it
+            tailer.ensure_started()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -507,14 +682,29 @@ def _latency_histogram(route: str) -> Any:
 INGRESS_KEY = web.AppKey("ingress", Ingress)
 
 
+PUBLIC_ROUTES = (WEBHOOK_PATH, "/healthz", "/readyz")
+"""All the public port serves: Heap's webhook and the probes a load balancer needs."""
+ADMIN_ROUTES = ("/metrics", "/openapi.json", "/status", "/status.json")
+"""Served on the admin listener only (HEAPSYNC_ADMIN_HOST, default loopback): never on the webhook's port."""
+
+
 def create_app(settings: Settings, accounts: dict[str, Account], producers: ResilientProducer) -> web.Application:
+    """The public app: the webhook, /healthz and /readyz; nothing else answers there but a JSON 404."""
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[observe])
     ingress = Ingress(settings, accounts, producers)
     app[INGRESS_KEY] = ingress
     app.router.add_post(WEBHOOK_PATH, ingress.receive)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
+    return app
+
+
+def create_admin_app(settings: Settings, ingress: Ingress) -> web.Application:
+    """The admin app of the same process: metrics, the OpenAPI document, the status page, and the probes."""
+    app = web.Application(middlewares=[observe])
     app.router.add_get("/metrics", ingress.metrics)
     app.router.add_get("/openapi.json", ingress.openapi)
+    app.router.add_get("/healthz", ingress.healthz)
+    app.router.add_get("/readyz", ingress.readyz)
     add_status_routes(app, settings)
     return app

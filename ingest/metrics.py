@@ -144,7 +144,8 @@ LATENCY = LoopHistogram(
     buckets=_LATENCY_BUCKETS,
 )
 BODY_BYTES = LoopHistogram(
-    "heapsync_ingest_body_bytes", "Size of webhook bodies read (before any check beyond size).",
+    "heapsync_ingest_body_bytes", "Size of webhook bodies read, decoded (only requests with a well-formed Heap-Hash "
+    "are read).",
     buckets=_BYTES_BUCKETS,
 )
 PRODUCE_LATENCY = LoopHistogram(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from heapsync.contracts import MAX_TOTAL_PAGES
 from heapsync.settings import ACCOUNT_ID_PATTERN
 
 _REF = "#/components/schemas/"
@@ -57,8 +58,8 @@ SCHEMAS: dict[str, Any] = {
     "SyncInfo": {
         "type": "object", "required": ["page_number", "total_pages", "sync_task_id"], "additionalProperties": True,
         "description": "1 <= page_number <= total_pages.",
-        "properties": {"page_number": {"type": "integer", "minimum": 1},
-                       "total_pages": {"type": "integer", "minimum": 1},
+        "properties": {"page_number": {"type": "integer", "minimum": 1, "maximum": MAX_TOTAL_PAGES},
+                       "total_pages": {"type": "integer", "minimum": 1, "maximum": MAX_TOTAL_PAGES},
                        "sync_task_id": {**_NON_EMPTY, "description": "Usually a UUID; any non-empty string."}},
     },
     "Member": {
@@ -130,7 +131,9 @@ _DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": (
             "Receives Heap segment syncs (webhook), checks the Heap-Hash signature, and answers 200 only "
-            "after Kafka acknowledged the page. Any other status makes Heap retry."
+            "after Kafka acknowledged the page. Any other status makes Heap retry. This document describes the "
+            "public port; /metrics, /status, /status.json and this document are served on the admin listener "
+            "(HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT) only."
         ),
     },
     "paths": {
@@ -163,16 +166,20 @@ _DOCUMENT: dict[str, Any] = {
                                  _REQUEST_ID_HEADER),
                     "400": {"description": "Signed but invalid (bad JSON, schema, page range): InvalidPayload, and "
                                            "the raw request is kept in the rejected topic. Or a body that does not "
-                                           "decode with its Content-Encoding: Error.",
+                                           "decode with its Content-Encoding, or has bytes after the end of its "
+                                           "compressed stream: Error.",
                             "content": {"application/json": {"schema": {
                                 "anyOf": [_ref("InvalidPayload"), _ref("Error")]}}}},
                     "403": _json("Error", "Missing, malformed or wrong signature, or ts outside the window "
                                  "(reason says which, except for a wrong signature)."),
                     "404": _json("Error", "Unknown account."),
                     "405": _json("Error", "Only POST."),
-                    "413": _json("Error", "Body larger than the configured limit (default 16 MiB)."),
+                    "408": _json("Error", "The body did not arrive in time (default 60 s after the headers)."),
+                    "413": _json("Error", "Body larger than the configured limit (default 16 MiB), decoded or as "
+                                 "sent."),
                     "415": _json("Error", "Content-Type is not JSON."),
-                    "503": _json("Error", "Kafka did not acknowledge in time, or the local queue is full: retry.",
+                    "503": _json("Error", "Kafka did not acknowledge in time, the local queue is full, or every body "
+                                 "read slot is busy: retry.",
                                  {"Retry-After": {"schema": {"type": "integer"},
                                                   "description": "Seconds to wait before retrying."}}),
                 },
@@ -183,13 +190,6 @@ _DOCUMENT: dict[str, Any] = {
         "/readyz": {"get": {"operationId": "readyz", "summary": "Broker reachable and topics present.",
                             "responses": {"200": _json("Status", "Ready."),
                                           "503": _json("Error", "Not ready (broker, topics, or shutting down).")}}},
-        "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics.",
-                             "responses": {"200": {"description": "Prometheus text format.",
-                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
-                                  "responses": {"200": {"description": "OpenAPI 3.0 document.",
-                                                        "content": {"application/json": {
-                                                            "schema": {"type": "object"}}}}}}},
     },
     "components": {"schemas": SCHEMAS},
 }

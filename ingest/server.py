@@ -20,7 +20,7 @@ from heapsync.kafka import ensure_topics
 from heapsync.producer import ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics
-from ingest.app import INGRESS_KEY, create_app
+from ingest.app import INGRESS_KEY, create_admin_app, create_app
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -50,7 +50,34 @@ def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
 
     app.on_shutdown.append(start_draining)
     app.on_cleanup.append(close_producer)
+    if settings.admin_port:
+        add_admin_listener(app, settings)
     return app
+
+
+def add_admin_listener(app: web.Application, settings: Settings) -> None:
+    """Serve the admin app (``ingest.app.create_admin_app``) on its own address, started and stopped with ``app``.
+
+    The public port then carries only what Heap and a load balancer need; metrics, the status
+    page and the OpenAPI document stay on an address the operator chooses (loopback by default).
+    """
+    runner = web.AppRunner(create_admin_app(settings, app[INGRESS_KEY]), access_log=None)
+
+    async def start_admin(_: web.Application) -> None:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(exc.errno, f"admin listener cannot start (HEAPSYNC_ADMIN_HOST / HEAPSYNC_ADMIN_PORT): "
+                                     f"{exc.strerror or exc}") from exc
+        log.info("admin listener", extra={"host": settings.admin_host, "port": settings.admin_port})
+
+    async def stop_admin(_: web.Application) -> None:
+        await runner.cleanup()
+
+    app.on_startup.append(start_admin)
+    app.on_cleanup.append(stop_admin)
 
 
 def tune_gc() -> None:
@@ -94,9 +121,13 @@ def run(settings: Settings, accounts: dict[str, Account]) -> None:
     log.info("ingress listening", extra={"host": settings.ingest_host, "port": settings.ingest_port,
                                         "accounts": len(accounts)})
     # in-flight requests wait at most the produce timeout; give them that plus a margin
-    web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None, loop=event_loop(),
-                shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
-                lingering_time=LINGERING_SECONDS, handle_signals=True,
-                # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
-                auto_decompress=False)
+    try:
+        web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None, loop=event_loop(),
+                    shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
+                    lingering_time=LINGERING_SECONDS, handle_signals=True,
+                    # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
+                    auto_decompress=False)
+    except OSError as exc:  # an address taken or not ours (public or admin): one log line naming it, exit 1
+        log.error("ingress cannot start", extra={"error": str(exc)})
+        raise SystemExit(1) from None
     log.info("ingress stopped")

@@ -17,16 +17,17 @@ import contextlib
 import html
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 from heapsync.settings import Settings
-from heapsync.topic_reader import TopicFollower
+from heapsync.topic_reader import Record, TopicFollower
+from ingest.ops_metrics import OpsView, attach
 from processors import rules
 
 log = logging.getLogger("heapsync.status_page")
@@ -105,6 +106,9 @@ class StatusBoard:
     def on_dead_letter(self, source: str, doc: dict[str, Any], timestamp_ms: int) -> None:
         """One record from a dead-letter topic (rejected, assembler or sink)."""
         self.records += 1
+        split = doc.get("split")
+        if isinstance(split, dict) and split.get("part") != 1:
+            return  # a dead letter written in parts (heapsync/dlq_parts.py) counts once, by its first part
         account = doc.get("account") if isinstance(doc.get("account"), str) else None
         list_name = doc.get("list_name") if isinstance(doc.get("list_name"), str) else None
         if isinstance(doc.get("delta"), dict):
@@ -135,7 +139,7 @@ class StatusBoard:
         }
 
 
-def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
+def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: int = 0) -> str:
     """The page: plain HTML, no script, refreshes itself."""
     e = html.escape
     parts = [
@@ -150,6 +154,9 @@ def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
     ]
     if not started:
         parts.append("<p class='warn'>Starting to read the topics; refresh in a few seconds.</p>")
+    if reader_failures:
+        parts.append(f"<p class='bad'>Cannot read the topics ({reader_failures} broker errors in a row); retrying. "
+                     "What is shown may be out of date.</p>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
         parts.append("<p>No applied syncs yet.</p>")
@@ -188,16 +195,45 @@ def render_html(snap: dict[str, Any], *, started: bool = True) -> str:
     return "".join(parts)
 
 
-class Tailer:
-    """Background reader of the progress and dead-letter topics into a :class:`StatusBoard`."""
+RETRY_BASE_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
 
-    def __init__(self, settings: Settings, board: StatusBoard) -> None:
+
+def retry_delay(failures: int, base: float = RETRY_BASE_SECONDS, cap: float = RETRY_MAX_SECONDS) -> float:
+    """Wait after the ``failures``-th broker error in a row: 1, 2, 4 ... seconds, never more than ``cap``."""
+    return min(cap, base * 2 ** min(max(failures, 1) - 1, 30))
+
+
+class Follower(Protocol):
+    def poll(self) -> list[Record]: ...
+    def close(self) -> None: ...
+
+
+class Tailer:
+    """Background reader of the progress and dead-letter topics into a :class:`StatusBoard`.
+
+    A broker error (down at start, a failing ``list_topics``) is retried with a bounded back-off,
+    one warning per attempt, for as long as the ingress runs: the page must keep updating once the
+    broker is back. The same follower is kept across errors, so nothing is counted twice.
+    """
+
+    def __init__(self, settings: Settings, board: StatusBoard, *,
+                 follower_factory: Callable[[str, Iterable[str]], Follower] = TopicFollower,
+                 retry_base_seconds: float = RETRY_BASE_SECONDS, retry_max_seconds: float = RETRY_MAX_SECONDS,
+                 ops: OpsView | None = None) -> None:
         self.settings = settings
         self.board = board
+        self.ops = ops
         self.task: asyncio.Task[None] | None = None
         t = settings.topics
         self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
                         t.sink_dlq: "sink"}
+        if ops is not None:
+            self.sources[t.dlq_redrive] = "marks"  # dead letters re-driven: not pending any more
+        self.follower_factory = follower_factory
+        self.retry_base_seconds, self.retry_max_seconds = retry_base_seconds, retry_max_seconds
+        self.failures = 0
+        """Broker errors in a row; the page says so while it is not 0."""
 
     def ensure_started(self) -> bool:
         if self.task is None:
@@ -207,20 +243,42 @@ class Tailer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        follower = TopicFollower(self.settings.kafka_bootstrap, self.sources)
+        follower: Follower | None = None
         try:
             while True:
-                for record in await loop.run_in_executor(None, follower.poll):
-                    if record.value is not None:
-                        self._feed(record.topic, record.value, record.timestamp_ms)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - the page must never take the ingress down
-            log.exception("status page reader stopped")
+                try:
+                    if follower is None:
+                        follower = self.follower_factory(self.settings.kafka_bootstrap, self.sources)
+                    records = await loop.run_in_executor(None, follower.poll)
+                except Exception as exc:  # noqa: BLE001 - the page must never take the ingress down
+                    self.failures += 1
+                    delay = retry_delay(self.failures, self.retry_base_seconds, self.retry_max_seconds)
+                    log.warning("status page reader: cannot read the topics; retrying",
+                                extra={"error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                                       "failures": self.failures, "retry_in_seconds": delay})
+                    await asyncio.sleep(delay)
+                    continue
+                if self.failures:
+                    log.info("status page reader: reading again", extra={"failures": self.failures})
+                    self.failures = 0
+                for record in records:
+                    if self.ops is not None and self.sources.get(record.topic) == "marks":
+                        self._feed_mark(record)
+                    elif record.value is not None:
+                        self._feed(record.topic, record.value, record.timestamp_ms, record.partition, record.offset)
         finally:
-            await loop.run_in_executor(None, follower.close)
+            if follower is not None:
+                await loop.run_in_executor(None, follower.close)
 
-    def _feed(self, topic: str, value: bytes, timestamp_ms: int) -> None:
+    def _feed_mark(self, record: Record) -> None:
+        assert self.ops is not None
+        try:
+            doc = orjson.loads(record.value) if record.value is not None else None
+        except orjson.JSONDecodeError:
+            return
+        self.ops.on_mark(record.key, doc if isinstance(doc, dict) or doc is None else {})
+
+    def _feed(self, topic: str, value: bytes, timestamp_ms: int, partition: int = 0, offset: int = -1) -> None:
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError:
@@ -228,10 +286,17 @@ class Tailer:
         if not isinstance(doc, dict):
             return
         source = self.sources[topic]
-        if source == "progress":
-            self.board.on_applied(doc)
-        else:
-            self.board.on_dead_letter(source, doc, timestamp_ms)
+        try:
+            if source == "progress":
+                self.board.on_applied(doc)
+                if self.ops is not None:
+                    self.ops.on_applied(doc, timestamp_ms)
+            else:
+                self.board.on_dead_letter(source, doc, timestamp_ms)
+                if self.ops is not None:
+                    self.ops.on_dead_letter(source, topic, partition, offset, doc)
+        except Exception:  # noqa: BLE001 - one odd record is skipped, it must not stop the reader
+            log.exception("status page reader: record skipped", extra={"topic": topic})
 
     async def stop(self) -> None:
         if self.task is not None:
@@ -240,21 +305,28 @@ class Tailer:
                 await self.task
 
 
+TAILER_KEY = web.AppKey("status_tailer", Tailer)
+
+
 def add_status_routes(app: web.Application, settings: Settings) -> None:
     """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app."""
     if not settings.status_page_enabled:
         return
     board = StatusBoard(recent=settings.status_page_recent)
-    tailer = Tailer(settings, board)
+    ops = OpsView()
+    tailer = Tailer(settings, board, ops=ops)
     app[BOARD_KEY] = board
+    app[TAILER_KEY] = tailer
+    attach(ops, lambda: tailer.failures)  # /metrics reports it (ingest/ops_metrics.py)
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.Response(text=render_html(board.snapshot(), started=started), content_type="text/html")
+        return web.Response(text=render_html(board.snapshot(), started=started, reader_failures=tailer.failures),
+                            content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.json_response({**board.snapshot(), "reading": started},
+        return web.json_response({**board.snapshot(), "reading": started, "reader_failures": tailer.failures},
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

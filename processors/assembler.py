@@ -33,6 +33,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
+import orjson
+
+from heapsync import dlq_parts
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from processors import rules
 
@@ -64,6 +67,13 @@ class DeadLetter:
     sync_key: str
     detail: dict[str, Any]
 
+    def records(self, max_bytes: int = dlq_parts.PART_MAX_BYTES) -> list[tuple[bytes, bytes]]:
+        """``(key, value)`` records for the dead-letter topic, none over ``max_bytes``: a dead letter
+        too large for one record (a timed-out sync of many big pages) is split, not refused by the
+        broker, which would stall the partition (see ``heapsync/dlq_parts.py``)."""
+        value = orjson.dumps({"reason": self.reason, "sync": self.sync_key, **self.detail})
+        return dlq_parts.split(dlq_parts.record_key(self.sync_key), value, max_bytes)
+
 
 @dataclass
 class Step:
@@ -72,6 +82,8 @@ class Step:
     segments: list[str] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     open_syncs: int | None = None
+    oldest_open_seconds: float | None = None
+    """On a tick: age of the partition's oldest open sync (0 when none is open)."""
 
 
 @dataclass
@@ -250,8 +262,10 @@ class Assembler:
             self._running[skey] = None
 
     def on_drain(self, account: str, payload: HeapDrain, *, request_id: str, partition: int, now: float,
-                 replay_id: str | None = None) -> Step:
-        skey = rules.sync_key(account, "drain", request_id, replay_id)
+                 replay_id: str | None = None, signed_digest: str | None = None) -> Step:
+        """A drain, named by ``signed_digest`` when the record has it (else ``request_id``): a repeat
+        of the same signed drain, open or already emitted, is counted and makes no second delta."""
+        skey = rules.sync_key(account, "drain", rules.drain_identity(request_id, signed_digest), replay_id)
         seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
         if skey in self.done or skey in self.syncs:
@@ -263,7 +277,7 @@ class Assembler:
         self.syncs[skey] = {
             "account": account,
             "kind": "drain",
-            "ref": rules.drain_ref(request_id),
+            "ref": rules.drain_ref(request_id, signed_digest),
             "replay_id": replay_id,
             "segment": seg,
             "segment_id": payload.data.segment.id,
@@ -288,8 +302,16 @@ class Assembler:
         if now is not None:
             self._prune_done(partition, now)
         segs = [k for k, v in list(self.segments.items()) if v is not None and v["p"] == partition]
-        open_syncs = sum(len(self.segments[k]["q"]) for k in segs)
-        return Step(segments=segs, open_syncs=open_syncs)
+        queues = [self.segments[k]["q"] for k in segs]
+        open_syncs = sum(len(q) for q in queues)
+        oldest = 0.0
+        if now is not None:
+            # a queue is in start order: its head is its oldest sync (only heads are read, one per segment)
+            for queue in queues:
+                meta = self.syncs.get(queue[0]) if queue else None
+                if meta is not None:
+                    oldest = max(oldest, now - float(meta["started_at"]))
+        return Step(segments=segs, open_syncs=open_syncs, oldest_open_seconds=oldest if now is not None else None)
 
     # -- emitting -----------------------------------------------------------
 
@@ -385,13 +407,18 @@ class Assembler:
         self.counters.late_pages += 1
         log.warning("page arrived after its sync was emitted without it; dead-lettered",
                     extra={"sync": skey, "page": page})
+        # Counts only: the shell adds the whole pages record (what a re-drive needs), and the ids
+        # once more here would double the dead letter. ``sync_emitted_at`` is when the sync went
+        # out without this page: `heapsync dlq redrive` refuses it if a newer sync of the
+        # segment was emitted since.
         return Step(segments=[seg], dead_letters=[DeadLetter("late page for an emitted sync", skey, {
             "page_number": page,
             "total_pages": payload.data.sync_info.total_pages,
             "sync_task_id": payload.data.sync_info.sync_task_id,
             "segment_id": payload.data.segment.id,
             "segment_name": payload.data.segment.name,
-            "add": list(changes.add), "remove": list(changes.remove),
+            "adds": len(changes.add), "removes": len(changes.remove),
+            "sync_emitted_at": finished.get("at"),
         })])
 
     def _count_repeat(self, skey: str, page: int, first_digest: str, new_digest: str) -> None:
@@ -478,6 +505,7 @@ class Assembler:
             letter = DeadLetter("sync timed out with pages missing", skey, {
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
+                "sync_emitted_at": now,
             })
             return Emission(skey, seg, False, [], letter, done_value, sorted(stored), meta.get("partition", 0))
         done_value["outcome"] = "delta"

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Iterable
 from dataclasses import asdict
 
 from prometheus_client import Counter, Gauge, start_http_server
 
+from heapsync import lag
 from processors.assembler import Counters
+
+log = logging.getLogger("heapsync.processor")
 
 _PREFIX = "heapsync_assembler_"
 
@@ -27,6 +33,9 @@ COUNTERS: dict[str, Counter] = {
 }
 OPEN_SYNCS = Gauge(_PREFIX + "open_syncs", "Syncs waiting for pages or for an earlier sync, per partition.",
                    ["partition"])
+OLDEST_OPEN = Gauge(_PREFIX + "oldest_open_sync_seconds",
+                    "Age of the oldest sync still open (waiting for pages or for an earlier sync), per partition; "
+                    "0 when none is open. Set on each tick.", ["partition"])
 UNREADABLE = Counter(_PREFIX + "unreadable_records", "Records on the pages topic that could not be read.")
 
 
@@ -44,8 +53,42 @@ class Exporter:
                 last[name] = value
 
 
-def set_open_syncs(partition: int, count: int) -> None:
+def set_open_syncs(partition: int, count: int, oldest_seconds: float | None = None) -> None:
     OPEN_SYNCS.labels(partition=str(partition)).set(count)
+    if oldest_seconds is not None:
+        OLDEST_OPEN.labels(partition=str(partition)).set(round(oldest_seconds, 1))
+
+
+def forget_partitions(partitions: Iterable[int]) -> None:
+    """Partitions this worker gave up: their gauges are the new owner's to report (no stale copy here)."""
+    for partition in partitions:
+        for gauge in (OPEN_SYNCS, OLDEST_OPEN):
+            try:
+                gauge.remove(str(partition))
+            except KeyError:
+                pass
+
+
+class LagReporter:
+    """``heapsync_consumer_lag`` of the worker's group on the pages topic, measured by the group's leader.
+
+    Every worker runs it; only the leader reports (all partitions), the others report nothing, so
+    each partition has one series. Blocking Kafka calls run on a worker thread."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.group, self.topic = group, topic
+        self.probe = lag.LagProbe(bootstrap)
+        self.series: set[tuple[str, str, str]] = set()
+
+    async def report(self, is_leader: bool) -> None:
+        rows: list[lag.Row] = []
+        if is_leader:
+            try:
+                rows = await asyncio.get_running_loop().run_in_executor(None, self.probe.rows, self.group, self.topic)
+            except Exception as exc:  # noqa: BLE001 - a metric must never stop the worker
+                log.warning("consumer lag not measured", extra={"error": str(exc)[:200]})
+                return
+        self.series = lag.publish(rows, self.series)
 
 
 def serve(port: int) -> None:

@@ -47,6 +47,7 @@ class IncomingPage:
     payload: HeapSync | HeapDrain | HeapEnvelope
     add: list[str]
     remove: list[str]
+    signed_digest: str | None = None  # a drain's identity (see PageRecord); None in records from before it
 
 
 def is_tick(raw: bytes) -> bool:
@@ -91,7 +92,8 @@ def _fast(raw: bytes) -> IncomingPage | None:
         parsed = _validate_payload(payload)
     except ValidationError:
         return None
-    return IncomingPage(record.account, record.request_id, record.replay_id, parsed, add, remove)
+    return IncomingPage(record.account, record.request_id, record.replay_id, parsed, add, remove,
+                        record.signed_digest)
 
 
 def _validate_payload(payload: dict[str, Any]) -> HeapSync | HeapDrain | HeapEnvelope:
@@ -115,4 +117,5 @@ def parse_record(raw: bytes) -> IncomingPage:
     if isinstance(payload, HeapSync):
         add = [m.id for m in payload.data.add or ()]
         remove = [m.id for m in payload.data.remove or ()]
-    return IncomingPage(record.account, record.request_id, record.replay_id, payload, add, remove)
+    return IncomingPage(record.account, record.request_id, record.replay_id, payload, add, remove,
+                        record.signed_digest)

@@ -151,9 +151,20 @@ def expected_pages(known_total: int, page_number: int, page_total: int) -> int:
     return max(known_total, page_total, page_number)
 
 
-def drain_ref(request_id: str) -> str:
-    """What names a drain in its delta id: a drain has no sync id, so its request id stands in."""
-    return f"drain:{request_id}"
+def drain_identity(request_id: str, signed_digest: str | None) -> str:
+    """What tells one drain from another: a drain has no sync id.
+
+    The digest of its signed ``ts`` and body (``PageRecord.signed_digest``), so the same signed
+    drain posted again, under any ``X-Request-Id``, is the same drain and clears the list once.
+    A record written before that field names the drain by its request id, as before. The two
+    never meet: ``=`` is not allowed in a request id.
+    """
+    return f"signed={signed_digest}" if signed_digest else request_id
+
+
+def drain_ref(request_id: str, signed_digest: str | None = None) -> str:
+    """What names a drain in its delta id (``delta_id_for``) and its state key."""
+    return f"drain:{drain_identity(request_id, signed_digest)}"
 
 
 def sync_key(account: str, kind: str, ref: str, replay_id: str | None) -> str:

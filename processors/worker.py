@@ -34,6 +34,7 @@ import orjson
 from faust.types import TableT
 from pydantic import ValidationError
 
+from heapsync import lag
 from heapsync.contracts import HeapDrain, HeapSync
 from heapsync.settings import Settings
 from processors import metrics
@@ -117,9 +118,9 @@ def create_app(settings: Settings) -> faust.App:
     exporter = metrics.Exporter()
 
     async def send_dead_letters(letters: list[DeadLetter]) -> None:
-        futures = [await dlq_topic.send(key=d.sync_key.encode(),
-                                        value=orjson.dumps({"reason": d.reason, "sync": d.sync_key, **d.detail}))
-                   for d in letters]
+        # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
+        futures = [await dlq_topic.send(key=key, value=value)
+                   for d in letters for key, value in d.records(settings.dead_letter_part_bytes)]
         if futures:
             await asyncio.gather(*futures)
 
@@ -162,7 +163,7 @@ def create_app(settings: Settings) -> faust.App:
     def handle(raw: bytes, partition: int, offset: int = -1) -> Step:
         if is_tick(raw):
             step = assembler.on_tick(partition=partition, now=time.time())
-            metrics.set_open_syncs(partition, step.open_syncs or 0)
+            metrics.set_open_syncs(partition, step.open_syncs or 0, step.oldest_open_seconds)
             return step
         try:
             record = parse_record(raw)
@@ -185,7 +186,8 @@ def create_app(settings: Settings) -> faust.App:
             return step
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
-                                      partition=partition, now=time.time(), replay_id=record.replay_id)
+                                      partition=partition, now=time.time(), replay_id=record.replay_id,
+                                      signed_digest=record.signed_digest)
         # The ingress sends unknown action types to the rejected topic; never drop one silently here.
         log.error("pages record with an unknown action type; dead-lettered",
                   extra={"partition": partition, "action_type": payload.action_type})
@@ -211,6 +213,7 @@ def create_app(settings: Settings) -> faust.App:
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # Another worker may take these partitions over; our in-memory net states would go stale.
         assembler.clear_cache()
+        metrics.forget_partitions(tp.partition for tp in revoked if tp.topic == topics.pages)
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -225,5 +228,11 @@ def create_app(settings: Settings) -> faust.App:
         @app.task
         async def serve_metrics() -> None:
             metrics.serve(settings.metrics_port)  # type: ignore[arg-type]
+
+        lag_reporter = metrics.LagReporter(settings.kafka_bootstrap, settings.processor_group, topics.pages)
+
+        @app.timer(interval=lag.LAG_INTERVAL_SECONDS)
+        async def report_lag() -> None:
+            await lag_reporter.report(app.is_leader())
 
     return app

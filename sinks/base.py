@@ -16,6 +16,12 @@ How the loop keeps at-least-once without letting one slow account block the rest
   progress topic; on start the runner reads it back and skips chunks it already
   applied (a repeat after a crash or rebalance), and ``heapsync status`` shows it.
 - Polling pauses while ``sink_max_inflight_messages`` chunks are unfinished.
+- Rebalance: the consumer is polled in a thread of its own, so the revoke callback (which
+  confluent-kafka calls from inside ``consume``, in the polling thread) can wait while the event
+  loop finishes the revoked partitions' in-flight chunks, for at most ``sink_revoke_grace_seconds``;
+  what is not finished by then is cancelled. Only then are the applied chunks committed and the
+  partitions given up, so an old owner's apply never lands after the new owner's newer deltas.
+  A lost partition (already someone else's) is cancelled at once and not committed.
 - SIGTERM: stop reading, let running chunks finish for ``sink_shutdown_grace_seconds``,
   abandon the rest (not committed: redone on restart), commit, exit 0.
 """
@@ -23,8 +29,10 @@ How the loop keeps at-least-once without letting one slow account block the rest
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
+import threading
 import time
 import uuid
 from collections import deque
@@ -36,12 +44,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
+from heapsync import lag
 from heapsync.contracts import AppliedChunk, Delta
 from heapsync.kafka import client_config
 from heapsync.producer import ProduceError, ResilientProducer
 from heapsync.settings import Settings
 from sinks import metrics
-from sinks.offsets import Entry, PartitionProgress
+from sinks.offsets import AppliedChunks, Entry, PartitionProgress, record_time
 
 log = logging.getLogger("heapsync.sink")
 
@@ -68,7 +77,9 @@ class DeltaSink(Protocol):
     async def apply(self, delta: Delta) -> ChunkResult | None:
         """Apply one chunk. Return when it is applied (or dead-lettered by the sink itself);
         raise to stop the loop without committing, so the chunk is redone on restart.
-        May be called concurrently for chunks of different lists (and for chunks of one delta)."""
+        May be called concurrently for chunks of different lists (and for chunks of one delta).
+        May be cancelled (a rebalance past ``sink_revoke_grace_seconds``, or shutdown): the chunk is
+        then not committed and is applied again, by this or another replica."""
 
     async def close(self) -> None:
         """Release connections; called once after the loop ends."""
@@ -119,6 +130,11 @@ class _Item:
     progress: PartitionProgress
     entry: Entry
     error: ValidationError | None = None
+    task: asyncio.Task[None] | None = None  # while it is being applied
+
+    @property
+    def partition_key(self) -> tuple[str, int]:
+        return self.progress.topic, self.progress.partition
 
     @property
     def group(self) -> str | None:
@@ -130,6 +146,7 @@ class _Item:
 class _Lane:
     queue: deque[_Item] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
+    running: list[_Item] = field(default_factory=list)
 
 
 def progress_key(sink: str, chunk_key: str) -> str:
@@ -150,7 +167,7 @@ class SinkRunner:
         self.group = group or f"heapsync-sink-{sink.name}"
         self.dead_letters = dead_letters
         self.producer = dead_letters.producer
-        self.applied: set[str] = set()
+        self.applied = AppliedChunks(settings.topic_retention_days * 86_400, settings.sink_applied_max_chunks)
         self._stopping = asyncio.Event()
         self._draining = False
         self._lanes: dict[str, _Lane] = {}
@@ -161,6 +178,9 @@ class SinkRunner:
         self._consumer: Consumer | None = None
         self._concurrent = bool(getattr(sink, "concurrent", True))
         self._parallel = settings.sink_lane_parallel_chunks if self._concurrent else 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._lag_series: set[tuple[str, str, str]] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -199,7 +219,8 @@ class SinkRunner:
                         if msg.value() is None:
                             self.applied.discard(key[len(prefix):])
                         else:
-                            self.applied.add(key[len(prefix):])
+                            now = time.time()
+                            self.applied.add(key[len(prefix):], record_time(*msg.timestamp(), now), now)
             if len(at_end) < len(parts):
                 log.warning("progress topic not read to its end; repeats may be applied again (harmless)",
                             extra={"partitions_read": len(at_end), "partitions": len(parts)})
@@ -216,7 +237,8 @@ class SinkRunner:
         )
         await _send_retrying(self.producer, self.settings.topics.sink_progress, record.model_dump_json().encode(),
                              progress_key(self.sink.name, delta.chunk_key).encode())
-        self.applied.add(delta.chunk_key)
+        now = time.time()
+        self.applied.add(delta.chunk_key, now, now)
 
     # -- one message -----------------------------------------------------------
 
@@ -271,10 +293,18 @@ class SinkRunner:
                 while (group is not None and lane.queue and len(batch) < self._parallel
                        and lane.queue[0].group == group):
                     batch.append(lane.queue.popleft())
+                for item in batch:
+                    item.task = asyncio.ensure_future(self._process(item))
+                lane.running = batch
                 try:
-                    await asyncio.gather(*(self._process(i) for i in batch))
+                    results = await asyncio.gather(*(i.task for i in batch if i.task), return_exceptions=True)
                 finally:
+                    lane.running = []
                     self._inflight -= len(batch)
+                for result in results:
+                    # a chunk cancelled on revoke is not done (not committed): its new owner applies it
+                    if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                        raise result
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # a sink raised: stop without committing this chunk
@@ -314,12 +344,66 @@ class SinkRunner:
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._commit(consumer, sync=True, only={(tp.topic, tp.partition) for tp in partitions})
-        for tp in partitions:
-            progress = self._progress.pop((tp.topic, tp.partition), None)
-            if progress is not None:
-                progress.revoked = True
+        """Finish (bounded) or cancel the partitions' running chunks, commit what was applied, give them up."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._release_from_callback(keys, self.settings.sink_revoke_grace_seconds)
+        self._commit(consumer, sync=True, only=keys)
+        for key in keys:
+            self._progress.pop(key, None)
+        self._forget_lag(keys)
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions already given to another consumer: stop their chunks now; nothing may be committed."""
+        keys = {(tp.topic, tp.partition) for tp in partitions}
+        self._release_from_callback(keys, 0.0)
+        for key in keys:
+            self._progress.pop(key, None)
+        self._forget_lag(keys)
+        log.warning("partitions lost", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _release_from_callback(self, keys: set[tuple[str, int]], grace: float) -> None:
+        """Run :meth:`_release` on the event loop and wait for it, from the thread that polls.
+
+        On the loop's own thread (a consumer polled there) the loop cannot run while we wait: the
+        running chunks are cancelled instead (the cancellation lands when the callback returns)."""
+        for key in keys:
+            progress = self._progress.get(key)
+            if progress is not None:
+                progress.revoked = True  # nothing new of these partitions starts from now on
+        loop = self._loop
+        if loop is None or loop.is_closed() or threading.get_ident() == self._loop_thread:
+            running = self._running_in(keys)
+            for item in running:
+                assert item.task is not None
+                item.task.cancel()
+            if running:
+                log.warning("revoked partitions' chunks cancelled without waiting (callback on the event loop)",
+                            extra={"chunks": len(running)})
+            return
+        future = asyncio.run_coroutine_threadsafe(self._release(keys, grace), loop)
+        try:
+            future.result(timeout=grace + 10.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            log.error("revoked partitions' chunks did not stop; giving the partitions up anyway")
+
+    def _running_in(self, keys: set[tuple[str, int]]) -> list[_Item]:
+        return [item for lane in self._lanes.values() for item in lane.running
+                if item.partition_key in keys and item.task is not None and not item.task.done()]
+
+    async def _release(self, keys: set[tuple[str, int]], grace: float) -> None:
+        """Let the partitions' running chunks finish within ``grace`` seconds; cancel the rest and wait for them."""
+        running = [item.task for item in self._running_in(keys) if item.task is not None]
+        if not running:
+            return
+        _, pending = await asyncio.wait(running, timeout=grace)
+        if pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1.0)
+            log.warning("revoked partitions' chunks not finished in time; cancelled, their new owner applies them",
+                        extra={"chunks": len(pending), "grace_seconds": grace})
 
     def _commit(self, consumer: Consumer, *, sync: bool, only: set[tuple[str, int]] | None = None) -> None:
         offsets: list[TopicPartition] = []
@@ -342,6 +426,54 @@ class SinkRunner:
             log.warning("offset commit failed; will retry", extra={"error": str(exc)})
             for progress in sent:
                 progress.committed = None
+
+    # -- lag (heapsync/lag.py) ---------------------------------------------------
+
+    def _forget_lag(self, keys: set[tuple[str, int]]) -> None:
+        """A partition given up is reported by its new owner, not here."""
+        gone = {s for s in self._lag_series if (s[1], int(s[2])) in keys}
+        lag.forget(gone)
+        self._lag_series -= gone
+
+    @staticmethod
+    def _watermarks(consumer: Consumer, unknown: list[tuple[str, int]],
+                    tps: list[tuple[str, int]]) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+        """High watermarks of ``tps``, and the committed offsets of ``unknown`` (nothing read since assigned).
+
+        Network calls: run in the polling thread, where every other consumer call happens."""
+        highs: dict[tuple[str, int], int] = {}
+        for topic, partition in tps:
+            try:
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=5.0)
+            except KafkaException:
+                continue
+            highs[(topic, partition)] = high
+        committed: dict[tuple[str, int], int] = {}
+        if unknown:
+            try:
+                for tp in consumer.committed([TopicPartition(t, p) for t, p in unknown], timeout=5.0):
+                    committed[(tp.topic, tp.partition)] = tp.offset
+            except KafkaException:
+                pass
+        return highs, committed
+
+    async def _export_lag(self, consumer: Consumer, poller: concurrent.futures.Executor) -> None:
+        """``heapsync_consumer_lag`` of the partitions this sink owns: what it has not finished, from its own
+        bookkeeping (the first chunk not yet applied) and the partition's high watermark."""
+        done = {key: progress.done_up_to() for key, progress in self._progress.items() if not progress.revoked}
+        unknown = [key for key, point in done.items() if point is None]
+        try:
+            highs, committed = await asyncio.get_running_loop().run_in_executor(
+                poller, self._watermarks, consumer, unknown, list(done))
+        except Exception as exc:  # noqa: BLE001 - a metric must never stop the sink
+            log.warning("consumer lag not measured", extra={"error": str(exc)[:200]})
+            return
+        rows = [lag.Row(self.group, topic, partition,
+                        lag.partition_lag(highs[(topic, partition)], done[(topic, partition)]
+                                          if done[(topic, partition)] is not None
+                                          else committed.get((topic, partition))))
+                for topic, partition in done if (topic, partition) in highs and (topic, partition) in self._progress]
+        self._lag_series = lag.publish(rows, self._lag_series)
 
     def _consumer_config(self) -> dict[str, Any]:
         return {
@@ -374,15 +506,20 @@ class SinkRunner:
         _serve_metrics_once(self.settings.metrics_port)
         known = await loop.run_in_executor(None, self.load_progress)
         consumer = self._consumer = Consumer(self._consumer_config())
+        self._loop, self._loop_thread = loop, threading.get_ident()
         consumer.subscribe([self.settings.topics.deltas], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                           on_lost=self._on_revoke)
+                           on_lost=self._on_lost)
         await self.sink.start()
         log.info("sink started", extra={"sink": self.sink.name, "group": self.group, "applied_chunks_known": known})
         last_commit = time.monotonic()
+        last_lag = last_commit - lag.LAG_INTERVAL_SECONDS + 5.0  # first measurement soon after start
+        # Every call into the consumer happens either in this thread while the loop awaits it, or on the loop
+        # between two polls: never two at once. Rebalance callbacks run here (inside consume).
+        poller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.sink.name}-poll")
         try:
             while not self._stopping.is_set():
                 self._flow_control(consumer)
-                msgs = consumer.consume(500, 0)  # non-blocking: fetching happens in librdkafka's threads
+                msgs = await loop.run_in_executor(poller, consumer.consume, 500, 0.05)
                 for msg in msgs:
                     if (error := msg.error()) is not None:
                         if error.code() != KafkaError._PARTITION_EOF:
@@ -391,20 +528,18 @@ class SinkRunner:
                     self._enqueue(msg)
                 if time.monotonic() - last_commit >= self.settings.sink_commit_interval_seconds:
                     self._commit(consumer, sync=False)
+                    self.applied.expire(time.time())
                     last_commit = time.monotonic()
-                if not msgs:
-                    try:
-                        await asyncio.wait_for(self._stopping.wait(), 0.02)
-                    except asyncio.TimeoutError:
-                        pass
-                else:
-                    await asyncio.sleep(0)
+                if time.monotonic() - last_lag >= lag.LAG_INTERVAL_SECONDS and self.settings.metrics_port:
+                    await self._export_lag(consumer, poller)
+                    last_lag = time.monotonic()
+                await asyncio.sleep(0)  # let the lanes take what was just queued
         finally:
-            await self._shutdown(consumer)
+            await self._shutdown(consumer, poller)
         if self._failure is not None:
             raise self._failure
 
-    async def _shutdown(self, consumer: Consumer) -> None:
+    async def _shutdown(self, consumer: Consumer, poller: concurrent.futures.ThreadPoolExecutor) -> None:
         self._draining = True  # lanes finish what they run, start nothing new
         tasks = [lane.task for lane in self._lanes.values() if lane.task is not None and not lane.task.done()]
         if tasks:
@@ -418,7 +553,9 @@ class SinkRunner:
         try:
             self._commit(consumer, sync=True)
         finally:
-            consumer.close()
+            # close() calls the revoke callback: in the polling thread, like every rebalance
+            await asyncio.get_running_loop().run_in_executor(poller, consumer.close)
+            poller.shutdown(wait=True)
             await self.sink.close()
             self.producer.close()
             log.info("sink stopped", extra={"sink": self.sink.name})

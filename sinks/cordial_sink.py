@@ -74,11 +74,11 @@ class CordialSink:
         if operations.use_bulk(delta, self.settings.sink_bulk_threshold, self.settings.delta_chunk_size):
             dead = await self.bulk.apply(client, delta, ops)
             if dead is not None:
-                self._done(delta, ops, "bulk")
+                self._done(delta, ops, "bulk", dead)
                 return ChunkResult(dead_lettered=dead, path="bulk")
             log.warning("contact import unavailable; applying the chunk through the REST API", extra=delta_ref(delta))
         dead = await self.apply_rest(client, delta, ops)
-        self._done(delta, ops, "drain" if delta.kind == "drain" else "rest")
+        self._done(delta, ops, "drain" if delta.kind == "drain" else "rest", dead)
         return ChunkResult(dead_lettered=dead, path="drain" if delta.kind == "drain" else "rest")
 
     async def _wait_for_key(self, account: Account, exc: AccountError) -> None:
@@ -91,9 +91,13 @@ class CordialSink:
                       extra={"account": account.id, "error": str(exc)})
         await asyncio.Event().wait()
 
-    def _done(self, delta: Delta, ops: list[operations.Operation], path: str) -> None:
+    def _done(self, delta: Delta, ops: list[operations.Operation], path: str, dead_lettered: int) -> None:
+        """One line per chunk that says what happened to its operations: a chunk whose every
+        operation was dead-lettered is not "applied" in any sense an operator cares about."""
         self.applied_chunks += 1
-        log.info("delta chunk applied", extra={**delta_ref(delta), "operations": len(ops), "path": path})
+        log.log(logging.WARNING if dead_lettered else logging.INFO, "delta chunk applied", extra={
+            **delta_ref(delta), "operations": len(ops), "applied": max(0, len(ops) - dead_lettered),
+            "dead_lettered": dead_lettered, "path": path})
 
     async def apply_rest(self, client: CordialClient, delta: Delta, ops: list[operations.Operation]) -> int:
         """Every operation applied or dead-lettered; returns how many were dead-lettered."""

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from urllib.parse import urlencode
@@ -24,16 +25,27 @@ log = logging.getLogger("heapsync.sink.files")
 
 
 def sign(secret: bytes, path: str, expires: int) -> str:
-    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    # surrogatepass: a request path decoded from odd bytes may hold lone surrogates; signing must not raise
+    return hmac.new(secret, f"{path}\n{expires}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()
+
+
+SIG_FORMAT = re.compile(r"[0-9a-fA-F]{64}")
+"""An HMAC-SHA256 in hex, nothing else (no spaces, no non-ASCII: ``hmac.compare_digest`` raises on those)."""
+EXPIRES_FORMAT = re.compile(r"[0-9]{1,12}")
+"""An epoch in ASCII digits only: ``int()`` would also take " 123 ", "+123", "1_796" and non-ASCII digits."""
+
+
+def well_formed(expires: str, sig: str) -> bool:
+    """Whether ``expires`` and ``sig`` have the only shape ``publish`` ever writes (checked before verifying)."""
+    return EXPIRES_FORMAT.fullmatch(expires) is not None and SIG_FORMAT.fullmatch(sig) is not None
 
 
 def verify(secret: bytes, path: str, expires: str, sig: str, now: float) -> bool:
-    """Constant-time check of the signature, then of the expiry."""
-    try:
-        exp = int(expires)
-    except ValueError:
+    """Constant-time check of the signature, then of the expiry; False for any malformed value (never raises)."""
+    if not well_formed(expires, sig):
         return False
-    return hmac.compare_digest(sign(secret, path, exp), sig) and now <= exp
+    exp = int(expires)
+    return hmac.compare_digest(sign(secret, path, exp), sig.lower()) and now <= exp
 
 
 class SignedFileHost:
@@ -87,10 +99,14 @@ class SignedFileHost:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         now = time.time()
-        for token, (_, expires) in list(self.files.items()):
-            if expires < now:
+        for token, (_, until) in list(self.files.items()):
+            if until < now:
                 del self.files[token]
-        if not verify(self.secret, request.path, request.query.get("expires", ""), request.query.get("sig", ""), now):
+        expires, sig = request.query.get("expires", ""), request.query.get("sig", "")
+        if not well_formed(expires, sig):
+            return web.json_response(
+                {"error": "malformed URL: expires must be ASCII digits and sig 64 hex characters"}, status=400)
+        if not verify(self.secret, request.path, expires, sig, now):
             return web.json_response({"error": "invalid or expired signature"}, status=403)
         found = self.files.get(request.match_info["name"])
         if found is None:

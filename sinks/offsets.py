@@ -9,7 +9,8 @@ Pure bookkeeping, tested directly.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 
 
@@ -41,6 +42,11 @@ class PartitionProgress:
             self._commit_at = self._pending.popleft().offset + 1
         return self._commit_at
 
+    def done_up_to(self) -> int | None:
+        """The first offset not yet done (what lag counts from); None before anything was read."""
+        point = self.commit_point()
+        return self._pending[0].offset if self._pending else point
+
     def unfinished(self) -> int:
         return sum(1 for e in self._pending if not e.done)
 
@@ -50,3 +56,57 @@ class PartitionProgress:
         if point is not None and point != self.committed:
             return point
         return None
+
+
+class AppliedChunks(Set[str]):
+    """Chunk keys a sink applied (read from and written to the progress topic), bounded in memory.
+
+    The progress topic forgets a record after the topics' retention, so the set forgets a key at the
+    same age; a cap on the count bounds it within that window too (the oldest go first). A forgotten
+    key only means a redelivery of that chunk is applied again (every sink call is idempotent), and a
+    redelivery is of uncommitted chunks, which are recent. Keys are kept in the order they were added,
+    which is close to time order, so expiry pops from the front and stops at the first young key.
+    """
+
+    def __init__(self, max_age_seconds: float, max_entries: int) -> None:
+        self.max_age = max_age_seconds
+        self.max_entries = max_entries
+        self._at: OrderedDict[str, float] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def add(self, key: str, at: float, now: float) -> None:
+        """Remember ``key`` applied at ``at`` (epoch seconds), unless that is already older than the retention."""
+        if at < now - self.max_age:
+            return
+        self._at.pop(key, None)
+        self._at[key] = at
+        while len(self._at) > self.max_entries:
+            self._at.popitem(last=False)
+        self.expire(now)
+
+    def discard(self, key: str) -> None:
+        self._at.pop(key, None)
+
+    def expire(self, now: float) -> None:
+        """Forget the keys the progress topic no longer holds either."""
+        cutoff = now - self.max_age
+        while self._at:
+            key, at = next(iter(self._at.items()))
+            if at >= cutoff:
+                break
+            del self._at[key]
+
+
+def record_time(timestamp_type: int, timestamp_ms: int, now: float) -> float:
+    """When a progress record was written (epoch seconds), from a Kafka message's timestamp; ``now`` when it has none.
+
+    ``timestamp_type`` 0 is librdkafka's TIMESTAMP_NOT_AVAILABLE."""
+    return timestamp_ms / 1000 if timestamp_type != 0 and timestamp_ms > 0 else now

@@ -182,7 +182,8 @@ class Pipeline:
     procs: list[Proc] = field(default_factory=list)
     ingest_port: int = field(default_factory=free_port)
     sim_port: int = field(default_factory=free_port)
-    secret: str = "test-secret"
+    admin_port: int = field(default_factory=free_port)
+    secret: str = "test-webhook-secret"
     cordial_key: str = "test-cordial-key"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -215,6 +216,7 @@ class Pipeline:
             "HEAPSYNC_PROCESSOR_DATA_DIR": str(self.workdir / "processor"),
             "HEAPSYNC_SINK_GROUP": f"{self.prefix}-sink",
             "HEAPSYNC_SINK_BACKOFF_MAX_SECONDS": "2",
+            "HEAPSYNC_ADMIN_PORT": str(self.admin_port),
             "HEAPSYNC_LOG_LEVEL": "INFO",
             **self.extra_env,
             **overrides,
@@ -239,6 +241,7 @@ class Pipeline:
     def start_ingest(self) -> Proc:
         proc = self.start("ingest", "ingest", "--port", str(self.ingest_port))
         wait_for_port("127.0.0.1", self.ingest_port, 30)
+        wait_for_port("127.0.0.1", self.admin_port, 30)
         return proc
 
     def start_all(self) -> None:

@@ -56,8 +56,10 @@ def test_runtime_pom_brings_the_logging_backend_of_each_line() -> None:
 
 
 def test_cluster_ids_are_what_kafka_storage_expects() -> None:
-    ids = {new_cluster_id() for _ in range(20)}
-    assert len(ids) == 20 and all(len(i) == 22 and "=" not in i for i in ids)
+    ids = {new_cluster_id() for _ in range(2000)}
+    assert len(ids) == 2000 and all(len(i) == 22 and "=" not in i for i in ids)
+    # one in 64 random ids starts with "-", which `kafka-storage format -t` takes for an option
+    assert not any(i.startswith("-") for i in ids)
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -171,3 +173,32 @@ def test_fetch_is_resolved_once_and_reused(kafka_tier: None) -> None:
     assert (home / "libs" / f"kafka_2.13-{DEFAULT_KAFKA_VERSION}.jar").exists()
     stamp = (home / "complete").stat().st_mtime_ns
     assert fetch(DEFAULT_KAFKA_VERSION) == home and (home / "complete").stat().st_mtime_ns == stamp
+
+
+class _Config:
+    def __init__(self, option: str | None) -> None:
+        self.option = option
+
+    def getoption(self, _name: str) -> str | None:
+        return self.option
+
+
+def test_the_tier_runs_on_both_brokers_when_java_and_maven_are_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import conftest
+
+    for name in (conftest.BROKERS_ENV, conftest.REQUIRE_KAFKA_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(conftest, "missing_tools", lambda: [])
+    assert conftest.selected_brokers(_Config(None)) == (["tansu", "kafka"], None)  # type: ignore[arg-type]
+    assert conftest.selected_brokers(_Config("kafka")) == (["kafka"], None)  # type: ignore[arg-type]
+    monkeypatch.setenv(conftest.BROKERS_ENV, "tansu")
+    assert conftest.selected_brokers(_Config(None)) == (["tansu"], None)  # type: ignore[arg-type]
+
+    monkeypatch.delenv(conftest.BROKERS_ENV)
+    monkeypatch.setattr(conftest, "missing_tools", lambda: ["mvn"])
+    brokers, note = conftest.selected_brokers(_Config(None))  # type: ignore[arg-type]
+    assert brokers == ["tansu"] and note is not None
+    assert note.startswith("Apache Kafka tier skipped: mvn not on PATH")
+    monkeypatch.setenv(conftest.REQUIRE_KAFKA_ENV, "1")  # CI: never skipped, a clear failure instead
+    with pytest.raises(pytest.UsageError, match="mvn not on PATH"):
+        conftest.selected_brokers(_Config(None))  # type: ignore[arg-type]

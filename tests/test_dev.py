@@ -47,11 +47,11 @@ def test_dev_broker_takes_the_configured_port_when_it_is_free() -> None:
 
 
 def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path, broker_kind: str) -> None:
-    port, sim_port = free_port(), free_port()
+    port, sim_port, admin_port = free_port(), free_port(), free_port()
     bootstrap = f"127.0.0.1:{free_port()}"
     # the broker goes where the settings point, so operator commands in another shell find it
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")},
-           "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap}
+           "HEAPSYNC_KAFKA_BOOTSTRAP": bootstrap, "HEAPSYNC_ADMIN_PORT": str(admin_port)}
     out = tmp_path / "dev.out"
     dev = subprocess.Popen([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(port), "--sim-port", str(sim_port),
                             "--broker", broker_kind],
@@ -67,6 +67,10 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path, broker_kind:
         assert f"http://127.0.0.1:{sim_port}/_sim/lists" in text
         label = "broker (Tansu):    " if broker_kind == "tansu" else f"broker (Apache Kafka {DEFAULT_KAFKA_VERSION}):"
         assert f"{label} {bootstrap}" in text
+        assert f"webhook:            http://127.0.0.1:{port}/heap/listMembership/<accountId>" in text
+        assert f"admin:              http://127.0.0.1:{admin_port}/status" in text  # both addresses printed
+        assert http("GET", f"http://127.0.0.1:{admin_port}/status.json").status == 200
+        assert http("GET", f"http://127.0.0.1:{port}/status.json").status == 404
 
         sample = subprocess.run(
             [sys.executable, "-m", "heapsync.cli", "send-sample", "--url",
@@ -107,4 +111,23 @@ def test_dev_runs_the_pipeline_and_stops_everything(tmp_path: Path, broker_kind:
     deadline = time.monotonic() + 10
     while processes_in(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert processes_in(tmp_path) == []
+
+
+def test_dev_stops_with_the_reason_when_a_stage_cannot_start(tmp_path: Path) -> None:
+    """A stage that exits while `heapsync dev` waits for its port: one line with its last log line,
+    not a 30 s wait and a traceback; nothing left running."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("HEAPSYNC_")},
+               "HEAPSYNC_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+               "HEAPSYNC_ADMIN_PORT": str(taken.getsockname()[1])}
+        result = subprocess.run([sys.executable, "-m", "heapsync.cli", "dev", "--port", str(free_port()),
+                                 "--sim-port", str(free_port())], cwd=tmp_path, env=env, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("stopping: ")]
+    assert "ingest exited" in line and "admin listener cannot start" in line
     assert processes_in(tmp_path) == []

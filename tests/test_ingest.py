@@ -132,7 +132,7 @@ def test_health_readiness_metrics_openapi_and_logs(pipeline: Pipeline) -> None:
     assert raw_request(port, "GET", "/healthz").json == {"status": "ok"}
     ready = raw_request(port, "GET", "/readyz")
     assert ready.status == 200 and ready.json["status"] == "ready"
-    doc = raw_request(port, "GET", "/openapi.json")
+    doc = raw_request(pipeline.admin_port, "GET", "/openapi.json")  # the admin listener, not the webhook's port
     assert doc.status == 200 and "/heap/listMembership/{account_id}" in doc.json["paths"]
 
     page = body_of(heap_request("m", 1, 1, add=["secret-user@example.com", "b@example.com"], remove=["c@x.io"]))
@@ -142,7 +142,7 @@ def test_health_readiness_metrics_openapi_and_logs(pipeline: Pipeline) -> None:
     big = body_of(heap_request("big", 1, 1, add=[f"user{i}@example.com" for i in range(12_000)]))
     assert raw_request(port, "POST", PATH, big, signed_headers(secret, big)).status == 200
 
-    text = raw_request(port, "GET", "/metrics").raw.decode()
+    text = raw_request(pipeline.admin_port, "GET", "/metrics").raw.decode()
     route = 'route="/heap/listMembership/{account_id}"'
     assert f'heapsync_ingest_requests_total{{{route},status="200"}} 2.0' in text
     assert f'heapsync_ingest_requests_total{{{route},status="403"}} 1.0' in text
@@ -226,3 +226,41 @@ def test_the_timestamp_window_is_set_by_the_environment(pipeline: Pipeline) -> N
     assert old.status == 403 and old.json["reason"] == "timestamp is stale" and old.json["max_age_seconds"] == 60
     ahead = raw_request(port, "POST", PATH, page, signed_headers(secret, page, ts_ms=now + 60_000, encoding="hex"))
     assert ahead.status == 403 and ahead.json["reason"] == "timestamp is in the future"
+
+
+def test_odd_header_bytes_are_kept_and_unsigned_bombs_are_never_read(pipeline: Pipeline) -> None:
+    """Issue 16 #11: a header byte that is not UTF-8 gave a 500 and the request was lost; #1/#2: an unsigned
+    gzip bomb was inflated and hashed before anything looked for Heap-Hash. Nothing refused reaches Kafka."""
+    pipeline.start_ingest()
+    port, secret = pipeline.ingest_port, pipeline.secret
+
+    def bodies_read() -> str:
+        text = raw_request(pipeline.admin_port, "GET", "/metrics").raw.decode()
+        return next(line for line in text.splitlines() if line.startswith("heapsync_ingest_body_bytes_count"))
+
+    # http.client sends str header values as Latin-1: the byte \xe9, not UTF-8
+    bad = body_of(heap_request("odd", 3, 2, add=["b@example.com"]))  # page 3 of 2: signed but invalid
+    odd = raw_request(port, "POST", PATH, bad, signed_headers(secret, bad, **{"X-Forwarded-For": "caf\xe9"}))
+    assert odd.status == 400 and odd.json["error"] == "Invalid payload", odd.raw
+
+    read_before = bodies_read()
+    bomb = gzip.compress(b"[" + b" " * (15 * 1024 * 1024) + b"]")
+    for heap_hash in (None, "ts:1", "ts:1,hmac:abc"):
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        if heap_hash:
+            headers["Heap-Hash"] = heap_hash
+        refused = raw_request(port, "POST", PATH, bomb, headers)
+        assert refused.status == 403 and refused.json["error"] == "Invalid signature", refused.raw
+    trailing = gzip.compress(b"{}") + b"\0" * 1024
+    after_end = raw_request(port, "POST", PATH, trailing, {**signed_headers(secret, b"{}"), "Content-Encoding": "gzip"})
+    assert after_end.status == 400 and after_end.json["reason"] == "data after the end of the compressed stream"
+    assert bodies_read() == read_before, "the bombs were refused unread"
+
+    marker = body_of(heap_request("odd-marker", 1, 1, add=["m@example.com"]))
+    ok = raw_request(port, "POST", PATH, marker, signed_headers(secret, marker))
+    assert ok.status == 200
+    bootstrap = pipeline.broker.bootstrap
+    pages = read_topic(bootstrap, f"{pipeline.prefix}.pages", has_request_ids([ok.json["request_id"]]))
+    assert [r.value["request_id"] for r in pages] == [ok.json["request_id"]], "nothing refused was written"
+    [kept] = read_topic(bootstrap, f"{pipeline.prefix}.pages.rejected", has_request_ids([odd.json["request_id"]]))
+    assert kept.value["headers"]["X-Forwarded-For"] == "caf\\xe9" and kept.value["body"].encode() == bad

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import base64
+import gzip
+import os
+import zlib
 from datetime import datetime, timezone
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
@@ -185,3 +189,93 @@ def test_loop_metrics_expose_like_prometheus_client() -> None:
     lines = lambda reg: sorted(line for line in generate_latest(reg).decode().splitlines()  # noqa: E731
                                if line.startswith("t_seconds") and "_created" not in line)
     assert lines(registry) == lines(reference_registry)
+
+
+# ---------------------------------------------------------------- bodies: decoded within limits, chunk by chunk
+
+
+def decode(chunks: list[bytes], encoding: str | None, limit: int = 1 << 20, wire_limit: int = 1 << 20) -> bytes:
+    decoder = app.BodyDecoder(encoding, limit, wire_limit)
+    for chunk in chunks:
+        decoder.feed(chunk)
+    return decoder.finish()
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)])]
+
+
+@given(body=st.binary(max_size=3000), encoding=st.sampled_from(["gzip", "deflate", None, "identity"]),
+       cuts=st.lists(st.integers(0, 10_000), max_size=6))
+def test_a_body_decodes_to_what_was_sent_however_it_is_chunked(body: bytes, encoding: str | None,
+                                                               cuts: list[int]) -> None:
+    sent = gzip.compress(body) if encoding == "gzip" else zlib.compress(body) if encoding == "deflate" else body
+    assert decode(split(sent, cuts), encoding) == body
+
+
+@given(body=st.binary(max_size=2000), trailing=st.binary(min_size=1, max_size=200),
+       encoding=st.sampled_from(["gzip", "deflate"]), cuts=st.lists(st.integers(0, 10_000), max_size=6))
+def test_any_byte_after_the_compressed_stream_is_refused(body: bytes, trailing: bytes, encoding: str,
+                                                         cuts: list[int]) -> None:
+    """Issue 16 #1: what followed the end of the stream went uncounted into ``unused_data``."""
+    sent = (gzip.compress(body) if encoding == "gzip" else zlib.compress(body)) + trailing
+    with pytest.raises(app.UnreadableBody, match="after the end of the compressed stream"):
+        decode(split(sent, cuts), encoding)
+
+
+def test_trailing_bytes_are_refused_at_the_first_chunk_that_holds_them() -> None:
+    decoder = app.BodyDecoder("gzip", 1 << 20, 1 << 20)
+    decoder.feed(gzip.compress(b"{}"))  # the stream ends exactly at a chunk's end
+    with pytest.raises(app.UnreadableBody):
+        decoder.feed(b"\0" * 65536)
+    second_member = app.BodyDecoder("gzip", 1 << 20, 1 << 20)
+    with pytest.raises(app.UnreadableBody):
+        second_member.feed(gzip.compress(b"{}") + gzip.compress(b"{}"))
+
+
+@given(size=st.integers(1, 5000), limit=st.integers(1, 5000), encoding=st.sampled_from(["gzip", "deflate", None]),
+       cuts=st.lists(st.integers(0, 10_000), max_size=4))
+def test_the_decoded_size_is_bounded_however_it_is_chunked(size: int, limit: int, encoding: str | None,
+                                                           cuts: list[int]) -> None:
+    body = b" " * size
+    sent = gzip.compress(body) if encoding == "gzip" else zlib.compress(body) if encoding == "deflate" else body
+    if size > limit:
+        with pytest.raises(app.BodyTooLarge) as exc:
+            decode(split(sent, cuts), encoding, limit=limit)
+        assert exc.value.limit == limit and exc.value.counted == "decoded"
+    else:
+        assert decode(split(sent, cuts), encoding, limit=limit) == body
+
+
+def test_compressed_bytes_count_against_their_own_limit() -> None:
+    sent = gzip.compress(os.urandom(4000))  # does not compress: more bytes sent than decoded
+    with pytest.raises(app.BodyTooLarge) as exc:
+        decode(split(sent, [1000, 2000, 3000]), "gzip", limit=1 << 20, wire_limit=3000)
+    assert exc.value.limit == 3000 and exc.value.counted == "compressed"
+    with pytest.raises(app.UnreadableBody, match="ends early"):
+        decode([gzip.compress(b"{}")[:-3]], "gzip")
+    with pytest.raises(app.UnsupportedEncoding):
+        app.BodyDecoder("br", 10, 10)
+
+
+# ---------------------------------------------------------------- header bytes that are not UTF-8
+
+
+def test_header_bytes_that_are_not_utf8_are_kept_exactly_and_serialise() -> None:
+    """Issue 16 #11: aiohttp hands such bytes over as lone surrogates, which no JSON encoder takes."""
+    escaped = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what aiohttp makes of the raw bytes
+    headers = CIMultiDict({"X-Forwarded-For": escaped, "User-Agent": "héllo", "Heap-Hash": escaped})
+    kept = app.safe_headers(headers)
+    assert kept == {"X-Forwarded-For": "caf\\xe9 \\xff", "User-Agent": "héllo"}
+    raw = app.rejected_record_bytes("acme", "r", NOW, "invalid payload", [], kept, b"{}")
+    assert RejectedRecord.model_validate_json(raw).headers["X-Forwarded-For"] == "caf\\xe9 \\xff"
+    assert app.printable("plain") == "plain" and app.printable("\ud800x") == "?x"
+
+
+@given(raw=st.binary(max_size=40))
+def test_any_header_bytes_become_printable_json(raw: bytes) -> None:
+    text = app.printable(raw.decode("utf-8", "surrogateescape"))
+    assert orjson.loads(orjson.dumps(text)) == text
+    if raw.isascii():
+        assert text == raw.decode()

@@ -47,8 +47,10 @@ def test_a_sync_missing_a_page_becomes_a_partial_delta_and_its_late_page_a_dead_
             letters.append(orjson.loads(msg.value()))
     dlq.close()
     assert letters and letters[0]["reason"] == "late page for an emitted sync"
-    assert (letters[0]["page_number"], letters[0]["add"]) == (2, ["b@example.com"])
+    assert (letters[0]["page_number"], letters[0]["adds"], letters[0]["removes"]) == (2, 1, 0)
     assert letters[0]["record"]["payload"]["data"]["sync_info"]["page_number"] == 2  # re-drivable as is
+    assert "add" not in letters[0] and orjson.dumps(letters[0]).count(b"b@example.com") == 1  # the ids once
+    assert letters[0]["sync_emitted_at"] <= partial.emitted_at.timestamp()  # when the sync went out without it
     reader.poll(2.0)
     assert len(reader.seen[(partial.delta_id, None)]) == 1  # nothing re-emitted for the late page
 

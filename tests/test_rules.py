@@ -94,3 +94,33 @@ def test_applying_the_net_delta_gives_the_list_the_pages_describe(
     for a, r in rules.chunk_changes(net, 3):
         after = rules.apply_changes(after, a, r)
     assert after == members
+
+
+# ---------------------------------------------------------------- a drain's identity (issue 16 #3)
+
+DIGEST = "ab" * 32
+request_ids = st.from_regex(r"\A[A-Za-z0-9._:-]{1,128}\Z")  # what the ingress keeps of X-Request-Id
+
+
+@given(first=request_ids, second=request_ids)
+def test_a_signed_drain_is_named_by_its_digest_whatever_its_request_id(first: str, second: str) -> None:
+    assert rules.drain_ref(first, DIGEST) == rules.drain_ref(second, DIGEST) == f"drain:signed={DIGEST}"
+    assert rules.drain_identity(first, DIGEST) == rules.drain_identity(second, DIGEST)
+
+
+@given(first=request_ids, second=request_ids)
+def test_a_drain_recorded_without_a_digest_keeps_its_request_id(first: str, second: str) -> None:
+    assert rules.drain_ref(first) == rules.drain_ref(first, None) == f"drain:{first}"
+    assert (rules.drain_ref(first) == rules.drain_ref(second)) == (first == second)
+
+
+@given(request_id=request_ids)
+def test_no_request_id_can_pose_as_a_signed_drain(request_id: str) -> None:
+    assert rules.drain_ref(request_id) != rules.drain_ref("x", DIGEST)
+    assert rules.drain_identity(request_id, None) != rules.drain_identity("x", DIGEST)
+    assert rules.sync_key("acme", "drain", rules.drain_identity(request_id, None), None) != \
+        rules.sync_key("acme", "drain", rules.drain_identity("x", DIGEST), None)
+
+
+def test_different_signed_drains_have_different_refs() -> None:
+    assert rules.drain_ref("r", "ab" * 32) != rules.drain_ref("r", "cd" * 32)

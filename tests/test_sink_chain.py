@@ -26,7 +26,7 @@ def two_accounts(pipeline: Pipeline) -> None:
         f'cordial_api_key = "{pipeline.cordial_key}"\n'
         f'cordial_base_url = "{pipeline.sim_url}/v2"\n'
         "[accounts.beta]\n"
-        'heap_webhook_secrets = ["other-secret"]\n'
+        'heap_webhook_secrets = ["beta-webhook-secret"]\n'
         'cordial_api_key = "beta-key"\n'
         f'cordial_base_url = "{pipeline.sim_url}/v2"\n'
     )
@@ -145,3 +145,27 @@ def test_bulk_import_path_end_to_end(pipeline: Pipeline) -> None:
     dead = [v for _, v in read_topic(pipeline, f"{pipeline.prefix}.sink.dlq", at_least=1)]
     assert [d["contact_id"] for d in dead] == ["broken-id"] and dead[0]["reason"] == "cordial import rejected the row"
     assert sink.stop() == 0
+
+
+def test_the_chunk_log_line_says_how_many_were_applied_and_dead_lettered(pipeline: Pipeline) -> None:
+    """Issue 13 #4: a chunk whose operations were dead-lettered was logged "applied" like any other.
+    The line now counts both, and is a WARNING when any operation was dead-lettered."""
+    import json
+
+    pipeline.start_simulator()
+    sink = pipeline.start("sink", "sink")
+    clean = make_delta("Logged", add=emails("ok", 3))
+    mixed = make_delta("Logged", add=emails("mixed", 2) + ["not-an-email", "also@bad"])
+    refused = make_delta("Logged", add=["bad-one", "bad-two"])  # every operation dead-lettered
+    produce(pipeline, clean, mixed, refused)
+    assert wait_for(lambda: len(read_topic(pipeline, f"{pipeline.prefix}.sink.progress", timeout=0)) >= 3), \
+        pipeline.logs()
+    assert sink.stop() == 0
+    lines = [json.loads(line) for line in sink.output().splitlines() if line.startswith("{")]
+    applied = {line["delta_id"]: line for line in lines if line["msg"] == "delta chunk applied"}
+    assert {d: (a["level"], a["operations"], a["applied"], a["dead_lettered"]) for d, a in applied.items()} == {
+        clean.delta_id: ("info", 3, 3, 0),
+        mixed.delta_id: ("warning", 4, 2, 2),
+        refused.delta_id: ("warning", 2, 0, 2),
+    }
+    assert all("bad-one" not in json.dumps(line) for line in applied.values())  # counts, never contact ids

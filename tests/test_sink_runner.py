@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -93,3 +95,80 @@ async def test_blocked_account_holds_only_its_lane_and_the_commit_point(broker: 
     finally:
         runner.stop()
         await asyncio.wait_for(task, 30)
+
+
+class ListSink:
+    """Applies deltas to a shared list; a held delta waits for ``gate``."""
+
+    name = "recording"
+
+    def __init__(self, owner: str, effects: list[tuple[str, str]], members: set[str], hold: set[str]) -> None:
+        self.owner, self.effects, self.members, self.hold = owner, effects, members, hold
+        self.gate = asyncio.Event()
+        self.started = asyncio.Event()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def apply(self, d: Delta) -> None:
+        if d.delta_id in self.hold:
+            self.started.set()
+            await self.gate.wait()
+        self.members.update(d.add)
+        self.members.difference_update(d.remove)
+        self.effects.append((self.owner, d.delta_id))
+
+
+async def test_a_real_rebalance_waits_for_the_chunk_in_flight_before_the_partition_moves(broker: EmbeddedBroker) -> None:
+    """confluent-kafka calls the revoke callback inside consume(), in the sink's polling thread: it waits there
+    while the event loop finishes the chunk, commits past it, and only then lets the group go on (issue 16 #6)."""
+    settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=f"r{uuid.uuid4().hex[:8]}",
+                        topic_partitions=1, sink_revoke_grace_seconds=60)
+    ensure_topics(settings)
+    group = f"{settings.topic_prefix}-g"
+    effects: list[tuple[str, str]] = []
+    members: set[str] = set()
+    d1 = Delta(delta_id="d1", account="acme", segment_id="1", segment_name="L", list_name="L",
+               identity_field="email", kind="sync", chunk=1, chunks=1, add=["x"])
+    d2 = d1.model_copy(update={"delta_id": "d2", "add": [], "remove": ["x"]})
+    sinks: list[ListSink] = []
+
+    def factory(owner: str, hold: set[str]) -> Callable[[DeadLetters], DeltaSink]:
+        def make(dl: DeadLetters) -> DeltaSink:
+            sinks.append(ListSink(owner, effects, members, hold))
+            return sinks[-1]
+        return make
+
+    old = make_runner(factory("old", {"d1"}), settings, group=group)
+    revoking = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    on_revoke = old._on_revoke
+
+    def spy(consumer: Any, partitions: Any) -> None:
+        loop.call_soon_threadsafe(revoking.set)
+        on_revoke(consumer, partitions)
+
+    old._on_revoke = spy  # type: ignore[method-assign]
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for d in (d1, d2):
+        producer.produce(settings.topics.deltas, d.model_dump_json().encode(), key=b"acme:L")
+    producer.flush(10)
+    tasks = [asyncio.create_task(old.run(install_signal_handlers=False))]
+    new = None
+    try:
+        await asyncio.wait_for(sinks[0].started.wait(), 60)  # D1 in flight at the old owner, D2 queued behind
+        new = make_runner(factory("new", set()), settings, group=group)
+        tasks.append(asyncio.create_task(new.run(install_signal_handlers=False)))
+        await asyncio.wait_for(revoking.wait(), 60)  # the new member joined: the old one is asked to give up
+        sinks[0].gate.set()  # D1 finishes while the revoke waits for it
+        assert await wait_until(lambda: ("old", "d2") in effects or ("new", "d2") in effects, 60), effects
+    finally:
+        for runner in (old, new):
+            if runner is not None:
+                runner.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)  # both stopped: whatever was in flight has landed
+    assert [d for _, d in effects] == ["d1", "d2"], effects  # D1 once, before D2, whoever got the partition
+    assert members == set()

@@ -1,0 +1,105 @@
+"""Consumer lag as a Prometheus gauge, exported by the process that owns the consumer.
+
+``heapsync_consumer_lag{group,topic,partition}``: records of the partition not yet done by the group
+(high watermark minus the offset the group has committed, or would commit next). The same
+definition as ``heapsync status`` (:func:`heapsync.status.lag_of`), so the alert and the CLI agree.
+
+- The sink reports the partitions it is assigned, from its own commit bookkeeping and a watermark
+  query made in its polling thread (``sinks/base.py``), every :data:`LAG_INTERVAL_SECONDS`.
+- The Faust worker reports every partition of the pages topic, but only while it is the group's
+  leader, from a watermark and committed-offset query (:class:`LagProbe`) on a worker thread:
+  Faust's own consumer offers no public view of its committed offsets.
+
+One gauge for every process (defined once here), so the series have the same name and labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Gauge
+
+LAG_INTERVAL_SECONDS = 30.0
+"""How often lag is measured: well below the alert's ``for`` and Prometheus' staleness window (5 min)."""
+
+LAG = Gauge("heapsync_consumer_lag", "Records of a partition the consumer group has not finished yet "
+            "(high watermark - committed offset), reported by the process that owns the partition.",
+            ["group", "topic", "partition"])
+
+
+@dataclass(frozen=True)
+class Row:
+    group: str
+    topic: str
+    partition: int
+    lag: int
+
+
+def partition_lag(high: int, done_up_to: int | None, low: int = 0) -> int:
+    """Records still to finish: ``high`` minus the first offset not yet done (``low`` when nothing is known)."""
+    start = low if done_up_to is None or done_up_to < 0 else max(done_up_to, low)
+    return max(0, high - start)
+
+
+def publish(rows: Iterable[Row], previous: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
+    """Set the gauge for ``rows``; drop the series reported last time and not now (a partition given up)."""
+    now: set[tuple[str, str, str]] = set()
+    for row in rows:
+        labels = (row.group, row.topic, str(row.partition))
+        LAG.labels(*labels).set(row.lag)
+        now.add(labels)
+    forget(previous - now)
+    return now
+
+
+def forget(labels: Iterable[tuple[str, str, str]]) -> None:
+    for key in labels:
+        try:
+            LAG.remove(*key)
+        except KeyError:
+            pass
+
+
+class LagProbe:
+    """Committed offsets and watermarks of one group on one topic, with clients kept between calls.
+
+    Blocking: call it from a worker thread."""
+
+    def __init__(self, bootstrap: str, timeout: float = 10.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self._admin: Any = None
+        self._probe: Any = None
+
+    def rows(self, group: str, topic: str) -> list[Row]:
+        from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        from heapsync.kafka import client_config
+
+        if self._admin is None:
+            self._admin = AdminClient(client_config(self.bootstrap))
+            self._probe = Consumer({**client_config(self.bootstrap), "group.id": "heapsync-lag-probe",
+                                    "enable.auto.commit": False})
+        meta = self._probe.list_topics(topic, timeout=self.timeout).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        try:
+            fut = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
+                                                          request_timeout=self.timeout)[group]
+            committed = {tp.partition: tp.offset for tp in fut.result(self.timeout).topic_partitions}
+        except KafkaException:
+            committed = {}
+        rows = []
+        for tp in tps:
+            low, high = self._probe.get_watermark_offsets(tp, timeout=self.timeout)
+            rows.append(Row(group, topic, tp.partition, partition_lag(high, committed.get(tp.partition), low)))
+        return rows
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = self._admin = None
