@@ -27,7 +27,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check heapsync ingest processors sinks tests bench
 	$(BIN)/mypy heapsync ingest processors sinks
 
-## Run the benchmarks and print their results (see BENCHMARKS.md).
+## Run the benchmarks and print their results (see BENCHMARKS.md): on Tansu and, when java and mvn are on PATH,
+## Apache Kafka too (python -m bench --help; --broker tansu|kafka|both, or HEAPSYNC_BENCH_BROKERS).
 bench: $(STAMP)
 	$(BIN)/python -m bench
 

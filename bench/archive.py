@@ -21,7 +21,12 @@ def lines() -> list[bytes]:
             for i in range(CHUNKS)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench archive",
+                                     description="The archive writer against appending without fsync (no broker).")
+    parser.parse_args(argv or [])
     data = lines()
     size = sum(len(x) + 1 for x in data)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,9 +1,10 @@
 """Ingest benchmark: signed Heap pages through the real ingress into the embedded broker, against a
 bare aiohttp handler that only reads the body and answers 200 (the framework ceiling), in the same run.
 
-    python -m bench ingest                           # or: make bench
-    python -m bench.ingest --quick                   # a shorter run
-    python -m bench.ingest --quick --only refused    # only what refusals cost
+    python -m bench ingest                           # or: make bench (Tansu and Apache Kafka)
+    python -m bench ingest --broker kafka            # one broker: tansu, kafka or both
+    python -m bench ingest --quick                   # a shorter run
+    python -m bench ingest --quick --only refused    # only what refusals cost (they never reach the broker)
 
 Three processes besides the broker: the ingress (``heapsync ingest``, as deployed), the bare handler,
 and a load generator (aiohttp client) posting pre-signed pages over loopback with a fixed number of
@@ -201,7 +202,7 @@ def fmt(r: dict[str, Any]) -> str:
     cpu = (f", server CPU {r['server_cpu_s'] / r['seconds']:.0%} ({r['server_cpu_s'] / r['requests'] * 1e6:.0f} µs/page), "
            f"load generator CPU {r['load_cpu_s'] / r['seconds']:.0%}")
     if "broker_cpu_s" in r:
-        cpu += f", broker CPU {r['broker_cpu_s'] / r['seconds']:.0%}"
+        cpu += f", broker CPU {r['broker_cpu_s'] / r['seconds']:.0%} ({r['broker_cpu_s'] / r['requests'] * 1e6:.0f} µs/page)"
     return (f"{r['pages_per_s']:8.0f} pages/s {r['ids_per_s']:10.0f} ids/s  p50 {r['p50_ms']:6.1f} ms  "
             f"p99 {r['p99_ms']:6.1f} ms  ({r['requests']} requests in {r['seconds']:.1f} s{cpu}; "
             f"statuses {r['statuses']})")
@@ -271,19 +272,34 @@ def bench_refused(quick: bool, env: dict[str, str], workdir: Path) -> dict[str, 
             "peak_rss_mb_before_signed_bomb": rss_before_signed_bomb}
 
 
-def bench(quick: bool = False, only: str | None = None) -> list[dict[str, Any]]:
-    from heapsync.broker import EmbeddedBroker, free_port, wait_for_port
+def bench(quick: bool = False, only: str | None = None, kinds: tuple[str, ...] = ("tansu",),
+          rounds: int | None = None) -> list[dict[str, Any]]:
+    """Every case on each broker in ``kinds`` (a fresh broker each), ceiling and ingress interleaved; the
+    refused requests once, on the first broker (the ingress refuses them before anything is produced)."""
+    from bench.brokers import run_each
+
+    results: list[dict[str, Any]] = []
+    run_each("ingest", list(kinds),
+             lambda kind: results.extend(bench_on(kind, quick, only, rounds, refused=kind == kinds[0])))
+    return results
+
+
+def bench_on(kind: str, quick: bool, only: str | None, rounds: int | None, refused: bool) -> list[dict[str, Any]]:
+    from bench.brokers import broker_pid, idle_cpu_note, label, load_average, open_broker
+    from heapsync.broker import free_port, wait_for_port
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
 
     scale = 0.3 if quick else 1.0
-    rounds = 1 if quick else 3
+    rounds = rounds or (1 if quick else 3)
     cases = [Case(10, int(30_000 * scale), 15 * scale, 64), Case(1000, int(6_000 * scale), 15 * scale, 32)]
     if only == "refused":
         cases = []
     results = []
-    with tempfile.TemporaryDirectory(prefix="heapsync-bench-") as tmp, EmbeddedBroker() as broker:
+    with tempfile.TemporaryDirectory(prefix="heapsync-bench-") as tmp, open_broker(kind, Path(tmp)) as broker:
+        print(f"[ingest] broker: {label(kind)}; {idle_cpu_note(broker)}", flush=True)
         workdir = Path(tmp)
+        broker_process = broker_pid(broker)
         accounts = workdir / "accounts.toml"
         accounts.write_text(f'[accounts.{ACCOUNT}]\nheap_webhook_secrets = ["{SECRET}"]\ncordial_api_key = "x"\n')
         prefix = f"bench{uuid.uuid4().hex[:6]}"
@@ -303,18 +319,18 @@ def bench(quick: bool = False, only: str | None = None) -> list[dict[str, Any]]:
                 wait_for_port("127.0.0.1", bare_port)
                 wait_for_port("127.0.0.1", ingest_port)
                 path = f"/heap/listMembership/{ACCOUNT}"
-                assert broker.process is not None
-                ceilings, measurements = [], []
+                ceilings, measurements, loads = [], [], []
                 for _ in range(rounds):  # interleaved, best of each: the machine is shared
                     cpu0 = cpu_seconds(bare.pid)
                     ceiling = run_load(f"http://127.0.0.1:{bare_port}{path}", case)
                     ceiling["server_cpu_s"] = cpu_seconds(bare.pid) - cpu0
                     ceilings.append(ceiling)
-                    cpu0, bcpu0 = cpu_seconds(ingress.pid), cpu_seconds(broker.process.pid)
+                    cpu0, bcpu0 = cpu_seconds(ingress.pid), cpu_seconds(broker_process)
                     measured = run_load(f"http://127.0.0.1:{ingest_port}{path}", case)
                     measured["server_cpu_s"] = cpu_seconds(ingress.pid) - cpu0
-                    measured["broker_cpu_s"] = cpu_seconds(broker.process.pid) - bcpu0
+                    measured["broker_cpu_s"] = cpu_seconds(broker_process) - bcpu0
                     measurements.append(measured)
+                    loads.append(load_average())
                 ceiling = max(ceilings, key=lambda r: r["pages_per_s"])
                 measured = max(measurements, key=lambda r: r["pages_per_s"])
                 rss = peak_rss_mb(ingress.pid)
@@ -324,22 +340,29 @@ def bench(quick: bool = False, only: str | None = None) -> list[dict[str, Any]]:
             ratio = measured["pages_per_s"] / ceiling["pages_per_s"]
             per_round = "bare " + ", ".join(f"{r['pages_per_s']:.0f}" for r in ceilings)
             per_round += "; ingress " + ", ".join(f"{r['pages_per_s']:.0f}" for r in measurements)
-            print(f"[ingest] {case.ids_per_page:>5}-id pages, {case.concurrency} connections, best of {rounds} "
-                  f"interleaved rounds (pages/s per round: {per_round})")
+            # per round: a JVM broker gets cheaper per page as it warms up (JIT), so the first rounds cost more
+            per_round += "; broker µs/page " + ", ".join(f"{r['broker_cpu_s'] / r['requests'] * 1e6:.0f}"
+                                                          for r in measurements)
+            print(f"[ingest] {kind}: {case.ids_per_page:>5}-id pages, {case.concurrency} connections, best of "
+                  f"{rounds} interleaved rounds (pages/s per round: {per_round}; load average {', '.join(loads)})")
             print(f"  bare handler : {fmt(ceiling)}")
             print(f"  ingress      : {fmt(measured)}")
             print(f"  ratio {ratio:.0%} of the bare handler's pages/s; ingress peak RSS {rss:.0f} MB; "
                   f"exit code {code}")
-            results.append({"ids_per_page": case.ids_per_page, "ceiling": ceiling, "ingress": measured,
+            results.append({"broker": kind, "ids_per_page": case.ids_per_page, "ceiling": ceiling, "ingress": measured,
                             "ratio": ratio, "ingress_peak_rss_mb": rss})
-        if only != "accepted":
+        if only != "accepted" and refused:
             results.append(bench_refused(quick, env, workdir))
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.ingest")
-    sub = parser.add_subparsers(dest="cmd")
+    from bench.brokers import add_broker_argument, brokers_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m bench ingest",
+                                     description="Signed Heap pages through the ingress against a bare aiohttp "
+                                                 "handler, on each broker.")
+    sub = parser.add_subparsers(dest="cmd", help=argparse.SUPPRESS)  # bare/load: the benchmark's own children
     p_bare = sub.add_parser("bare")
     p_bare.add_argument("--port", type=int, required=True)
     p_load = sub.add_parser("load")
@@ -350,8 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     p_load.add_argument("--concurrency", type=int, required=True)
     p_load.add_argument("--kind", default="accepted", choices=["accepted", *REFUSED])
     parser.add_argument("--quick", action="store_true", help="shorter rounds, one of each")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per accepted-page case (default 3, quick 1)")
     parser.add_argument("--only", choices=["accepted", "refused"],
-                        help="only accepted pages, or only refused requests (default: both)")
+                        help="only accepted pages, or only refused requests (default: both; refused requests run "
+                             "on the first broker only)")
+    add_broker_argument(parser)
     args = parser.parse_args(argv if argv is not None else [])
     if args.cmd == "bare":
         serve_bare(args.port)
@@ -359,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         result = asyncio.run(load(args.url, args.ids, args.count, args.duration, args.concurrency, args.kind))
         print(json.dumps(result))
     else:
-        bench(quick=args.quick, only=args.only)
+        bench(quick=args.quick, only=args.only, kinds=tuple(brokers_from_args(args.broker)), rounds=args.rounds)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,12 @@ from heapsync.topic_reader import read_topic
 RECORDS = 20_000
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench replay",
+                                     description="heapsync replay pages against a raw read and produce (Tansu only).")
+    parser.parse_args(argv or [])
     with EmbeddedBroker() as broker:
         settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=f"bench{uuid.uuid4().hex[:6]}",
                             topic_partitions=6)

@@ -1,8 +1,8 @@
 """Sink benchmark: how close the Cordial sink gets to the rate limit Cordial allows.
 
-Runs a Tansu broker, the Cordial simulator (10 ms latency per request, a per-key
-rate limit of N requests/s) and the sink as real processes, and produces deltas
-straight into the deltas topic. The ceiling is the configured limit N; a
+Runs a broker (Tansu, or a single-node Apache Kafka; ``--broker both`` runs everything on each), the
+Cordial simulator (10 ms latency per request, a per-key rate limit of N requests/s) and the sink as
+real processes, and produces deltas straight into the deltas topic. The ceiling is the configured limit N; a
 calibration run without any limit first shows the machine can drive more than N
 (so the limit, not the CPU, binds). Phases:
 
@@ -11,8 +11,9 @@ calibration run without any limit first shows the machine can drive more than N
 3. outage: the same volume with a 30 s outage of the simulator in the middle.
 4. bulk: a 1,000,000-user delta (200 chunks of 5,000) through contact imports.
 
-``python -m bench sink`` (``HEAPSYNC_BENCH_SINK_LIMIT`` sets N, default 1000, where the limit binds on 2 shared cores;
-``HEAPSYNC_BENCH_SINK_SKIP`` skips phases by name, comma separated).
+``python -m bench sink [--broker tansu|kafka|both]`` (``HEAPSYNC_BENCH_SINK_LIMIT`` or ``--limit`` sets N, default
+1000, where the limit binds on 2 shared cores; ``HEAPSYNC_BENCH_SINK_SKIP`` or ``--skip`` skips phases by name, comma
+separated). Each phase also reports the sink's and the broker's CPU per operation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,18 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
+from bench.brokers import (
+    add_broker_argument,
+    broker_pid,
+    brokers_from_args,
+    cpu_seconds,
+    idle_cpu_note,
+    label,
+    load_average,
+    open_broker,
+    run_each,
+)
+from heapsync.broker import die_with_parent, free_port, stop_process, wait_for_port
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
@@ -52,7 +64,7 @@ def _post(url: str, body: dict[str, Any]) -> Any:
 
 
 class Bench:
-    def __init__(self, broker: EmbeddedBroker, workdir: Path, limit: int) -> None:
+    def __init__(self, broker: Any, workdir: Path, limit: int) -> None:
         self.broker = broker
         self.workdir = workdir
         self.limit = limit
@@ -60,6 +72,8 @@ class Bench:
         self.sim_port = free_port()
         self.sim_url = f"http://127.0.0.1:{self.sim_port}"
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.broker_pid = broker_pid(broker)
+        self.sink_pid = 0
         self.settings = Settings(kafka_bootstrap=broker.bootstrap, topic_prefix=self.prefix, topic_partitions=3)
         ensure_topics(self.settings)
         self.producer = Producer({"bootstrap.servers": broker.bootstrap, "enable.idempotence": True,
@@ -132,12 +146,24 @@ class Bench:
             time.sleep(poll)
         return first, done
 
-    def timed_phase(self, account: str, label: str, n: int, timeout: float) -> float:
-        """Produce ``n`` operations (4 lists) for a fresh ``account``: seconds from first to last member seen."""
-        self.produce(self.deltas(account, label, n, 4))
+    def cpu(self) -> tuple[float, float]:
+        """(sink, broker) CPU seconds so far."""
+        return cpu_seconds(self.sink_pid), cpu_seconds(self.broker_pid)
+
+    def cpu_note(self, since: tuple[float, float], ops: int) -> str:
+        """CPU per operation since ``since`` (sink, broker), and the load average now."""
+        sink, broker = (now - then for now, then in zip(self.cpu(), since))
+        return (f"CPU per op: sink {sink / ops * 1e6:.0f} µs, broker {broker / ops * 1e6:.0f} µs; "
+                f"load average {load_average()}")
+
+    def timed_phase(self, account: str, tag: str, n: int, timeout: float) -> tuple[float, str]:
+        """Produce ``n`` operations (4 lists) for a fresh ``account``: seconds from first to last member seen,
+        and the CPU per operation it took."""
+        since = self.cpu()
+        self.produce(self.deltas(account, tag, n, 4))
         first, done = self.wait_members(account, n, timeout)
-        assert first and done, f"{label} phase did not finish"
-        return done - first
+        assert first and done, f"{tag} phase did not finish"
+        return done - first, self.cpu_note(since, n)
 
     def dead_letters(self) -> int:
         topic = self.settings.topics.sink_dlq
@@ -159,41 +185,57 @@ class Bench:
             c.close()
 
 
-def main() -> None:
-    limit = int(os.environ.get("HEAPSYNC_BENCH_SINK_LIMIT", "1000"))
-    skip = set(filter(None, os.environ.get("HEAPSYNC_BENCH_SINK_SKIP", "").split(",")))
-    print(f"  sink: simulator latency {LATENCY * 1000:.0f} ms, rate limit N = {limit} requests/s per key; "
-          f"2 cores shared with other work")
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedBroker(log_path=Path(tmp) / "tansu.log") as broker:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench sink",
+                                     description="The Cordial sink against the rate limit it is allowed, on each broker.")
+    parser.add_argument("--limit", type=int, default=int(os.environ.get("HEAPSYNC_BENCH_SINK_LIMIT", "1000")),
+                        help="N, the simulator's and the account's requests/s per key (default 1000)")
+    parser.add_argument("--skip", default=os.environ.get("HEAPSYNC_BENCH_SINK_SKIP", ""),
+                        help="phases to skip, comma separated: calibration, rest, outage, bulk")
+    add_broker_argument(parser)
+    args = parser.parse_args(argv or [])
+    skip = set(filter(None, args.skip.split(",")))
+    run_each("sink", brokers_from_args(args.broker), lambda kind: bench_on(kind, args.limit, skip))
+
+
+def bench_on(kind: str, limit: int, skip: set[str]) -> None:
+    print(f"  sink on {label(kind)}: simulator latency {LATENCY * 1000:.0f} ms, rate limit N = {limit} requests/s "
+          f"per key; 2 cores shared with other work", flush=True)
+    with tempfile.TemporaryDirectory() as tmp, open_broker(kind, Path(tmp)) as broker:
+        print(f"  {idle_cpu_note(broker)}", flush=True)
         b = Bench(broker, Path(tmp), limit)
         try:
             b.start("simulator", "simulator", "--port", str(b.sim_port), "--latency", str(LATENCY),
                     "--account", "calib=calib-key", "--account", "bench=bench-key", "--import-step", "0.2")
             wait_for_port("127.0.0.1", b.sim_port, 30)
-            b.start("sink", "sink")
+            b.sink_pid = b.start("sink", "sink").pid
             results: dict[str, Any] = {}
 
             if "calibration" not in skip:
                 n = 20_000
-                seconds = b.timed_phase("calib", "calib", n, 300)
+                seconds, cpu = b.timed_phase("calib", "calib", n, 300)
                 machine = n / seconds
                 results["calibration"] = machine
                 print(f"  calibration (no limit): {n} ops in {seconds:.1f} s = {machine:,.0f} ops/s "
-                      f"({machine / limit:.2f}x N: {'the limit binds' if machine > 1.1 * limit else 'CPU binds!'})")
+                      f"({machine / limit:.2f}x N: {'the limit binds' if machine > 1.1 * limit else 'CPU binds!'}); "
+                      f"{cpu}", flush=True)
 
             _post(f"{b.sim_url}/_sim/config", {"rate_limit_per_second": limit})
             if "rest" not in skip:
                 n = 100_000
-                seconds = b.timed_phase("bench", "rest", n, 600)
+                seconds, cpu = b.timed_phase("bench", "rest", n, 600)
                 rate = n / seconds
                 st = b.state()
                 print(f"  rest: {n} ops in {seconds:.1f} s = {rate:,.0f} ops/s = {rate / limit:.1%} of N; "
-                      f"429s seen: {st['rate_limited']}")
+                      f"429s seen: {st['rate_limited']}; {cpu}", flush=True)
                 results["rest"] = rate
 
             if "outage" not in skip:
                 n = 100_000
                 before = b.members("bench")
+                since = b.cpu()
                 b.produce(b.deltas("bench", "outage", n, 4))
                 outage_at: list[float] = []
 
@@ -210,9 +252,9 @@ def main() -> None:
                     print(f"  outage: {n} ops with a 30 s outage at 50%: all applied in {done - first:.1f} s "
                           f"(ideal {ideal:.1f} s at N plus the outage: {ideal / (done - first):.1%}); "
                           f"applied {applied}/{n}, dead-lettered {dead}; the second half took {after:.1f} s "
-                          f"after the outage ended (ideal {n / 2 / limit:.1f} s)")
+                          f"after the outage ended (ideal {n / 2 / limit:.1f} s); {b.cpu_note(since, n)}", flush=True)
                 else:
-                    print(f"  outage: NOT finished: applied {applied}/{n}, dead-lettered {dead}")
+                    print(f"  outage: NOT finished: applied {applied}/{n}, dead-lettered {dead}", flush=True)
 
             if "bulk" not in skip:
                 n = 1_000_000
@@ -221,6 +263,7 @@ def main() -> None:
                 deltas = [Delta(delta_id=delta_id, account="bench", segment_id="big", segment_name="Big",
                                 list_name="Big", identity_field="email", kind="sync", chunk=c + 1, chunks=chunks,
                                 add=[f"big-{c}-{i}@example.com" for i in range(CHUNK)]) for c in range(chunks)]
+                since = b.cpu()
                 t0 = time.monotonic()
                 b.produce(deltas)
                 produced = time.monotonic()
@@ -233,10 +276,11 @@ def main() -> None:
                 got = b.state()["accounts"]["bench"]
                 print(f"  bulk: {n:,} users in {chunks} chunks: produced in {produced - t0:.1f} s, all applied "
                       f"{done - produced:.1f} s after the last chunk reached Kafka ({done - t0:.1f} s after the first); "
-                      f"members {got['lists'].get('Big', 0):,}, import jobs {got['jobs']}")
+                      f"members {got['lists'].get('Big', 0):,}, import jobs {got['jobs']}; {b.cpu_note(since, n)}",
+                      flush=True)
         finally:
             b.stop_all()
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
