@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -108,12 +109,18 @@ def ingest(port: int | None, host: str | None) -> None:
 def process() -> None:
     """Run a Faust worker that assembles pages into deltas (run several for more partitions)."""
     import faust
+    from confluent_kafka import KafkaException
 
-    from processors.worker import create_app
+    from processors.worker import create_app, declare_changelogs
 
     settings, _ = _checked()
     logs.setup(settings.log_level)
     app = create_app(settings)
+    try:
+        declare_changelogs(app, settings)
+    except KafkaException as exc:  # Faust declares them itself as it starts, as before
+        logging.getLogger("heapsync.processor").warning("changelog topics not created ahead of the worker",
+                                                         extra={"error": str(exc)[:200]})
     # override_logging=False keeps our JSON lines (with their fields); mode would replace the handler
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True, override_logging=False)
     worker.execute_from_commandline()

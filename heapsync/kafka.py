@@ -83,13 +83,18 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
     """Create any missing heapsync topic; returns the names created."""
     admin = AdminClient(client_config(settings.kafka_bootstrap))
-    existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = topic_configs(settings)
-    new = [
+    return create_missing(admin, [
         NewTopic(name, num_partitions=settings.topic_partitions,
                  replication_factor=settings.topic_replication, config=cfg)
-        for name, cfg in wanted.items() if name not in existing
-    ]
+        for name, cfg in wanted.items()
+    ], timeout)
+
+
+def create_missing(admin: AdminClient, topics: list[NewTopic], timeout: float = 30.0) -> list[str]:
+    """Create those of ``topics`` that do not exist yet; returns the names created (a race with another creator is fine)."""
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    new = [t for t in topics if t.topic not in existing]
     if not new:
         return []
     created: list[str] = []

@@ -60,6 +60,30 @@ def _table_options(store: str) -> dict[str, Any] | None:
             "block_cache_size": 32 * 1024 * 1024, "block_cache_compressed_size": 0}
 
 
+def declare_changelogs(app: faust.App, settings: Settings, timeout: float = 30.0) -> list[str]:
+    """Create the tables' changelog topics before the worker joins its group.
+
+    Left to Faust, they are created while the worker starts, after the consumer's metadata was
+    read: on a fresh Apache Kafka the first page could then reach the agent before a metadata
+    refresh, and Faust stopped the agent with ``PartitionsMismatch`` ("changelog ... has 0
+    partitions"). Made here first, with the settings Faust would give them, they are in the
+    worker's very first metadata.
+    """
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from heapsync.kafka import client_config, create_missing
+
+    topics = []
+    for table in app.tables.values():
+        changelog = table.changelog_topic
+        config = {"cleanup.policy": "compact", **(changelog.config or {})}
+        if changelog.retention is not None:
+            config["retention.ms"] = str(int(changelog.retention * 1000))
+        topics.append(NewTopic(changelog.get_topic_name(), num_partitions=table.partitions or settings.topic_partitions,
+                               replication_factor=settings.topic_replication, config=config))
+    return create_missing(AdminClient(client_config(settings.kafka_bootstrap)), topics, timeout)
+
+
 def create_app(settings: Settings) -> faust.App:
     topics = settings.topics
     store = settings.processor_store
