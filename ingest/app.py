@@ -505,8 +505,7 @@ class Ingress:
             return json_response(200, {"status": "kept", "reason": "unsupported action_type", "request_id": request_id})
 
         # a drain is named by what is signed, so the same signed drain posted again is a repeat (issue 16 #3)
-        digest = (signed_digest(signature.parse_heap_hash(request.headers.get("Heap-Hash")).ts, body)
-                  if isinstance(payload, HeapDrain) else None)
+        digest = signed_digest(heap_hash.ts, body) if isinstance(payload, HeapDrain) else None
         value = page_record_bytes(account_id, request_id, received_at, body, digest)
         await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
