@@ -70,17 +70,15 @@ class LagProbe:
     def __init__(self, bootstrap: str, timeout: float = 10.0) -> None:
         self.bootstrap = bootstrap
         self.timeout = timeout
-        self._admin: Any = None
         self._probe: Any = None
 
     def rows(self, group: str, topic: str) -> list[Row]:
-        from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-        from confluent_kafka.admin import AdminClient
+        from confluent_kafka import Consumer, TopicPartition
 
         from heapsync.kafka import client_config
+        from heapsync.status import LagUnknown, committed_offsets
 
-        if self._admin is None:
-            self._admin = AdminClient(client_config(self.bootstrap))
+        if self._probe is None:
             self._probe = Consumer({**client_config(self.bootstrap), "group.id": "heapsync-lag-probe",
                                     "enable.auto.commit": False})
         meta = self._probe.list_topics(topic, timeout=self.timeout).topics.get(topic)
@@ -88,10 +86,10 @@ class LagProbe:
             return []
         tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
         try:
-            fut = self._admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)],
-                                                          request_timeout=self.timeout)[group]
-            committed = {tp.partition: tp.offset for tp in fut.result(self.timeout).topic_partitions}
-        except KafkaException:
+            # as `heapsync status` reads them: the admin offsets call can crash the process (SIGSEGV)
+            # while a group coordinator loads, e.g. on every failover
+            committed = committed_offsets(self.bootstrap, group, tps, self.timeout)
+        except LagUnknown:
             committed = {}
         rows = []
         for tp in tps:
@@ -102,4 +100,4 @@ class LagProbe:
     def close(self) -> None:
         if self._probe is not None:
             self._probe.close()
-            self._probe = self._admin = None
+            self._probe = None

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from heapsync.kafka import client_config
+from heapsync.lag import partition_lag
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
@@ -40,8 +41,7 @@ class PartitionLag:
 
 def lag_of(committed: int | None, low: int, high: int) -> int:
     """Records the group still has to read; with nothing committed it starts at the earliest record."""
-    start = low if committed is None or committed < 0 else committed
-    return max(0, high - max(start, low))
+    return partition_lag(high, committed, low)
 
 
 def syncs_changelog(processor_group: str) -> str:
