@@ -1,4 +1,4 @@
-"""Sample Heap requests, shaped like the ones in DESIGN.md; used by ``send-sample``, tests and benchmarks."""
+"""Sample Heap requests, shaped like the ones Heap sends; used by ``send-sample``, tests and benchmarks."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ import orjson
 
 from heapsync.kafka import client_config
 from heapsync.lag import partition_lag
+from heapsync.settings import Settings
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
@@ -117,7 +118,7 @@ def last_applied(records: Iterable[Record]) -> list[dict[str, Any]]:
 # -- shell ----------------------------------------------------------------------
 
 
-def consumer_groups(settings: Any) -> dict[str, str]:
+def consumer_groups(settings: Settings) -> dict[str, str]:
     """Group -> the topic it consumes."""
     groups = {settings.processor_group: settings.topics.pages, settings.sink_group: settings.topics.deltas}
     archive = getattr(settings, "archive_group", None)
@@ -168,7 +169,7 @@ def _coordinator_busy() -> frozenset[int]:
                       KafkaError._TRANSPORT, KafkaError._WAIT_COORD})
 
 
-def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
+def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
     """Lag per group and partition, and the groups whose committed offsets could not be read (with why)."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -202,7 +203,7 @@ def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag],
     return rows, unknown
 
 
-def gather(settings: Any) -> dict[str, Any]:
+def gather(settings: Settings) -> dict[str, Any]:
     from heapsync import dlq
 
     now = time.time()

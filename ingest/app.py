@@ -530,7 +530,7 @@ class Ingress:
         if problem is signature.SignatureProblem.MISMATCH:
             return json_error(403, "Invalid signature")
         extra: dict[str, Any] = {"reason": problem.value}
-        if problem in (signature.SignatureProblem.STALE, signature.SignatureProblem.FUTURE):
+        if problem.is_timestamp:
             extra["max_age_seconds"] = self.settings.signature_max_age_seconds
             extra["max_future_seconds"] = self.settings.signature_max_future_seconds
         return json_error(403, "Invalid signature", **extra)
