@@ -16,11 +16,12 @@ import logging
 from heapsync.contracts import Delta
 from heapsync.settings import Account, AccountError, Settings
 from sinks import metrics, operations
-from sinks.base import ChunkResult, DeadLetters, SinkRunner, make_runner
 from sinks.cordial_bulk import BulkImporter
 from sinks.cordial_client import CordialClient, CordialError
 from sinks.filehost import SignedFileHost
 from sinks.operations import delta_ref
+from sinks.protocol import ChunkResult, DeadLetters
+from sinks.runner import SinkRunner, make_runner
 
 log = logging.getLogger("heapsync.sink.cordial")
 

@@ -17,7 +17,8 @@ from heapsync.broker import EmbeddedBroker
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
-from sinks.base import DeadLetters, DeltaSink, make_runner
+from sinks.protocol import DeadLetters, DeltaSink
+from sinks.runner import make_runner
 
 pytestmark = pytest.mark.integration
 
