@@ -12,6 +12,9 @@ Nothing refused before the payload check is written anywhere.
 
 Every answer is a JSON body and carries ``X-Request-Id``; every request is one
 JSON log line and a few Prometheus observations (``ingest/metrics.py``).
+
+The body is read by ``ingest/body.py`` and what is kept is encoded by ``ingest/records.py``;
+this module decides, answers and produces.
 """
 
 from __future__ import annotations
