@@ -197,7 +197,7 @@ def kafka() -> None:
 
 
 _kafka_version = click.option("--version", "version", default=None, metavar="VERSION",
-                              help="Apache Kafka version (default the one production pins, see README).")
+                              help="Apache Kafka version (default the one production pins, see docs/scale.md).")
 
 
 @kafka.command("fetch")
@@ -317,7 +317,7 @@ def topics(create: bool, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------
-# Operations: replay, dead letters, status, archive (see README "Runbooks")
+# Operations: replay, dead letters, status, archive (see docs/operations.md "Runbooks")
 # --------------------------------------------------------------------------
 
 
