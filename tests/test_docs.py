@@ -23,7 +23,7 @@ LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def documents() -> list[Path]:
-    return [README, *PAGES]
+    return [README, *PAGES, ROOT / "BENCHMARKS.md"]
 
 
 def anchor(heading: str) -> str:
@@ -56,7 +56,7 @@ def commands(group: click.Group, prefix: str = "heapsync") -> list[str]:
 def the_cli() -> click.Group:
     """The click group behind the ``heapsync`` console script, wherever the package puts it."""
     target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["heapsync"]
-    group = getattr(importlib.import_module(target.split(":")[0]), "cli")
+    group = importlib.import_module(target.split(":")[0]).cli
     assert isinstance(group, click.Group)
     return group
 
