@@ -24,7 +24,7 @@ from tests.test_assembler import ACCOUNT, page
 from tests.test_dashboard_metrics import exported_names
 
 RUNBOOKS = "docs/operations.md"
-README = (ROOT / RUNBOOKS).read_text()  # the operations page: alerts, their series and runbooks
+OPS_PAGE = (ROOT / RUNBOOKS).read_text()  # the operations page: alerts, their series and runbooks
 RULE_TESTS = yaml.safe_load((ROOT / "tests" / "alerts_test.yml").read_text())
 
 
@@ -56,7 +56,7 @@ def anchor(heading: str) -> str:
 
 
 def test_every_alert_links_to_its_runbook_in_the_docs() -> None:
-    headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", README, re.M)}
+    headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", OPS_PAGE, re.M)}
     for name, rule in rules().items():
         url = rule["annotations"]["runbook_url"]
         assert url == f"{RUNBOOKS}#alert-{name.lower()}", name
@@ -69,7 +69,7 @@ def test_every_series_the_rules_read_is_exported_and_documented() -> None:
     assert used
     assert sorted(used - exported_names()) == []
     for name in used:
-        assert name.removesuffix("_total") in README, f"{name} not documented"
+        assert name.removesuffix("_total") in OPS_PAGE, f"{name} not documented"
 
 
 def test_default_thresholds_fit_heaps_four_hour_cadence() -> None:
