@@ -165,7 +165,7 @@ def run_ceiling(bootstrap: str, prefix: str, pages: list[bytes],
     from bench.brokers import cpu_seconds
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
-    from heapsync_dev.broker import die_with_parent
+    from heapsync_dev.processes import die_with_parent
 
     settings = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix, topic_partitions=PARTITIONS)
     ensure_topics(settings)
@@ -218,7 +218,7 @@ def changelog_topics(bootstrap: str, group: str) -> set[str]:
 def declare_first(cmd: list[str], env: dict[str, str], log: Any, bootstrap: str, group: str,
                   tables: int = 5) -> None:
     """Run the worker until its ``tables`` changelog topics exist, then stop it (what a second start finds)."""
-    from heapsync_dev.broker import die_with_parent, stop_process
+    from heapsync_dev.processes import die_with_parent, stop_process
 
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     try:
@@ -240,7 +240,7 @@ def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
     from heapsync.contracts import PageRecord, delta_id_for
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
-    from heapsync_dev.broker import die_with_parent, stop_process
+    from heapsync_dev.processes import die_with_parent, stop_process
     from heapsync_dev.samples import heap_request
 
     total_ids = PAGES * PER_PAGE

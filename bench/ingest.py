@@ -186,14 +186,14 @@ def run_load(url: str, case: Case) -> dict[str, Any]:
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from heapsync_dev.broker import die_with_parent
+    from heapsync_dev.processes import die_with_parent
 
     return subprocess.Popen([sys.executable, *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             preexec_fn=die_with_parent)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    from heapsync_dev.broker import stop_process
+    from heapsync_dev.processes import stop_process
 
     return stop_process(proc, 30)
 
@@ -217,7 +217,7 @@ def fmt_refused(r: dict[str, Any], ceiling: dict[str, Any]) -> str:
 
 def bench_refused(quick: bool, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     """Refused requests per second and CPU per refusal, interleaved with the bare handler's 10-id pages."""
-    from heapsync_dev.broker import free_port, wait_for_port
+    from heapsync_dev.processes import free_port, wait_for_port
 
     scale = 0.3 if quick else 1.0
     rounds = 1 if quick else 3
@@ -288,7 +288,7 @@ def bench_on(kind: str, quick: bool, only: str | None, rounds: int | None, refus
     from bench.brokers import broker_pid, idle_cpu_note, label, load_average, open_broker
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
-    from heapsync_dev.broker import free_port, wait_for_port
+    from heapsync_dev.processes import free_port, wait_for_port
 
     scale = 0.3 if quick else 1.0
     rounds = rounds or (1 if quick else 3)

@@ -45,7 +45,7 @@ from bench.brokers import (
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
-from heapsync_dev.broker import die_with_parent, free_port, stop_process, wait_for_port
+from heapsync_dev.processes import die_with_parent, free_port, stop_process, wait_for_port
 
 LATENCY = 0.01
 CHUNK = 5000

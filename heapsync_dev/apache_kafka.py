@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from heapsync_dev.broker import die_with_parent, free_port, stop_processes
+from heapsync_dev.processes import StopOnSignal, die_with_parent, free_port, stop_processes
 
 DEFAULT_KAFKA_VERSION = "4.4.0"
 """The version production should run (docker-compose.yml pins the same); see docs/scale.md "Running on Apache Kafka"."""
@@ -472,14 +472,7 @@ def run_foreground(nodes: int = 1, version: str | None = None, port: int | None 
     from heapsync.settings import Settings
     from heapsync_dev.broker import dev_broker_port
 
-    stop = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopOnSignal()
     version = version or DEFAULT_KAFKA_VERSION
     if port is None:
         port = dev_broker_port(Settings().kafka_bootstrap)

@@ -6,20 +6,12 @@ Production uses Apache Kafka; nothing else in heapsync knows which broker it tal
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from heapsync_dev.processes import die_with_parent, free_port, stop_process, wait_for_port
 
 
 def dev_broker_port(bootstrap: str) -> int:
@@ -39,51 +31,6 @@ def dev_broker_port(bootstrap: str) -> int:
             else:
                 return int(port)
     return free_port()
-
-
-def stop_processes(procs: Sequence[subprocess.Popen[Any]], timeout: float, sig: int = signal.SIGTERM) -> None:
-    """Signal every process still running, wait for them all up to ``timeout`` in total, kill what is left.
-
-    Signalling all first lets them shut down side by side; the kill is the last resort, so
-    a hung child never outlives whoever started it.
-    """
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
-    """``stop_processes`` for one process; returns its exit code."""
-    stop_processes([proc], timeout, sig)
-    return proc.returncode
-
-
-def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
-
-
-def die_with_parent() -> None:
-    """For ``preexec_fn``: the child gets SIGTERM if the process that started it dies (Linux)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def tansu_binary() -> Path:

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 from heapsync.settings import Settings
 from heapsync_dev.apache_kafka import KafkaCluster, KafkaUnavailable
-from heapsync_dev.broker import EmbeddedBroker, dev_broker_port, die_with_parent, free_port, stop_processes, wait_for_port
+from heapsync_dev.broker import EmbeddedBroker, dev_broker_port
+from heapsync_dev.processes import StopOnSignal, die_with_parent, free_port, stop_processes, wait_for_port
 
 DEV_DIR = Path(".heapsync/dev")
 DEMO_ACCOUNT = "demo"
@@ -105,14 +105,7 @@ def _wait_listening(children: Children, addresses: list[tuple[str, int]], timeou
 def run_dev(port: int = 8080, sim_port: int = 8081, broker_kind: str = "tansu") -> int:
     DEV_DIR.mkdir(parents=True, exist_ok=True)
     settings = Settings()
-    stop = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    stop = StopOnSignal()
 
     # Tansu keeps its data in memory and the dev Kafka in a temporary folder: a fresh broker means the
     # worker's RocksDB state of an earlier run describes topics that no longer exist, so it goes too.

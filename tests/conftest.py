@@ -28,8 +28,9 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
 from heapsync_dev.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaCluster, KafkaUnavailable, missing_tools
-from heapsync_dev.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
+from heapsync_dev.broker import EmbeddedBroker
 from heapsync_dev.cordial_simulator import CordialSimulator, SimConfig
+from heapsync_dev.processes import die_with_parent, free_port, stop_process, wait_for_port
 from ingest.signature import heap_hash_header
 
 # Speed is measured in benchmarks, not tests: on a loaded 2-core machine a slow example is not a failure.

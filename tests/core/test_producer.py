@@ -10,7 +10,8 @@ from confluent_kafka import KafkaError
 
 from heapsync.producer import LoopProducer, ProduceError, ResilientProducer, is_retriable
 from heapsync.topic_reader import read_topic
-from heapsync_dev.broker import EmbeddedBroker, free_port
+from heapsync_dev.broker import EmbeddedBroker
+from heapsync_dev.processes import free_port
 from tests.conftest import create_topic
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 from tests.alert_eval import Sample, evaluate, parse, promtool, promtool_agrees, promtool_fires_once, rules, selector
 from tests.conftest import Pipeline, http
 from tests.processors.test_crash import post_pages

@@ -22,7 +22,7 @@ from heapsync_dev.apache_kafka import (
     node_properties,
     runtime_pom,
 )
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 
 
 def alive(pid: int) -> bool:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from heapsync_dev.apache_kafka import DEFAULT_KAFKA_VERSION
-from heapsync_dev.broker import dev_broker_port, free_port
+from heapsync_dev.broker import dev_broker_port
+from heapsync_dev.processes import free_port
 from tests.conftest import http
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from heapsync_dev.broker import stop_process, stop_processes
+from heapsync_dev.processes import stop_process, stop_processes
 
 IGNORES_SIGTERM = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
                    "print('ready', flush=True); time.sleep(60)")

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from heapsync.settings import Settings
-from heapsync_dev.broker import free_port, wait_for_port
+from heapsync_dev.processes import free_port, wait_for_port
 from ingest.app import ADMIN_ROUTES, PUBLIC_ROUTES
 from tests.conftest import Pipeline, http
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 from tests.dev.test_dev import processes_in
 
 BAD_ACCOUNTS = (

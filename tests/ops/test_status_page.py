@@ -22,7 +22,8 @@ from heapsync.dlq_parts import split
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, TopicFollower
-from heapsync_dev.broker import EmbeddedBroker, free_port
+from heapsync_dev.broker import EmbeddedBroker
+from heapsync_dev.processes import free_port
 from heapsync_ops.status_page import StatusBoard, Tailer, render_html, retry_delay
 from tests.conftest import Pipeline, http
 

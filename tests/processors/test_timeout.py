@@ -10,7 +10,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from heapsync.contracts import delta_id_for
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 from tests.conftest import Pipeline, http
 from tests.processors.test_crash import DeltaReader, post_pages, reader  # noqa: F401 (fixture)
 

@@ -12,7 +12,7 @@ from confluent_kafka import Producer
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
 from heapsync.topic_reader import read_topic
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 from sinks.archive import ArchiveWriter, recover_partial
 from tests.conftest import Pipeline, http
 

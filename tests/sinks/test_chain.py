@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from heapsync_dev.broker import free_port
+from heapsync_dev.processes import free_port
 from tests.conftest import Pipeline, http
 from tests.sink_helpers import make_delta, produce, read_topic, sim_members, sim_state, wait_for
 
@@ -63,7 +63,7 @@ def test_revoked_key_pauses_that_account_while_another_continues(pipeline: Pipel
     two_accounts(pipeline)
     pipeline.start("simulator", "simulator", "--port", str(pipeline.sim_port),
                    "--account", f"acme={pipeline.cordial_key}", "--account", "beta=beta-key")
-    from heapsync_dev.broker import wait_for_port
+    from heapsync_dev.processes import wait_for_port
 
     wait_for_port("127.0.0.1", pipeline.sim_port, 30)
     http("POST", f"{pipeline.sim_url}/_sim/config", b'{"revoke": ["beta"]}')
