@@ -28,7 +28,7 @@ class _Lenient(BaseModel):
 
 
 # --------------------------------------------------------------------------
-# Heap's webhook payload, as Heap sends it (examples: heapsync/samples.py)
+# Heap's webhook payload (docs/design.md, "Heap's request")
 # --------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
@@ -41,7 +42,6 @@ from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
 from ingest.body import BodyTooLarge, UnreadableBody, UnsupportedEncoding, body_decoder, read_body
 from ingest.records import page_record_bytes, printable, record_key, rejected_record_bytes, safe_headers
-from ingest.status_page import TAILER_KEY, add_status_routes
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -421,9 +421,8 @@ class Ingress:
         return json_response(200, {"status": "ready", "topics": wanted})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        tailer = request.app.get(TAILER_KEY)
-        if tailer is not None:  # the gauges for alerts come from the status reader: a scrape starts it
-            tailer.ensure_started()
+        for hook in request.app.get(SCRAPE_HOOKS, ()):  # e.g. the status page's reader starts on a first scrape
+            hook()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -529,12 +528,23 @@ def create_app(settings: Settings, accounts: dict[str, Account], producers: Resi
     return app
 
 
-def create_admin_app(settings: Settings, ingress: Ingress) -> web.Application:
-    """The admin app of the same process: metrics, the OpenAPI document, the status page, and the probes."""
+AdminExtension = Callable[[web.Application, Settings], None]
+"""Adds routes to the admin app. The command that runs the ingress installs the operator status page
+this way (``heapsync_ops.status_page.add_status_routes``), so the stage imports no operator tool."""
+
+SCRAPE_HOOKS = web.AppKey("scrape_hooks", list[Callable[[], object]])
+"""Called on every ``/metrics`` scrape of the admin app, before the registry is read."""
+
+
+def create_admin_app(settings: Settings, ingress: Ingress,
+                     extensions: Sequence[AdminExtension] = ()) -> web.Application:
+    """The admin app of the same process: metrics, the OpenAPI document, the probes, and what ``extensions`` add."""
     app = web.Application(middlewares=[observe])
+    app[SCRAPE_HOOKS] = []
     app.router.add_get("/metrics", ingress.metrics)
     app.router.add_get("/openapi.json", ingress.openapi)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
-    add_status_routes(app, settings)
+    for extend in extensions:
+        extend(app, settings)
     return app

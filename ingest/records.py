@@ -60,7 +60,7 @@ def page_record_bytes(account: str, request_id: str, received_at: datetime, body
     """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
 
     Equal to ``PageRecord(...).model_dump_json()`` when read back, without
-    re-serialising a body of thousands of ids (``tests/test_ingest_app.py`` checks it).
+    re-serialising a body of thousands of ids (``tests/ingest/test_app.py`` checks it).
     ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
     """
     head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
