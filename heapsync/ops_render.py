@@ -112,5 +112,8 @@ def render_trace(doc: dict[str, Any]) -> None:
         rows = [{**r, "sync_task_id": r["sync_task_id"] or "-"} for r in lst["steps"]]
         render_rows(f"{lst['account']} / {lst['list_name']}: {doc['contact']} (sink {doc['sink']})", rows,
                     TRACE_COLUMNS)
+        if len(lst.get("partitions") or []) > 1:
+            _say(f"WARNING: this list's changes are on partitions {lst['partitions']}: a sink applies each partition "
+                 "in order, but not the partitions against each other (shown by the time each reached the topic)")
         member = {True: "a member", False: "not a member", None: "unknown (nothing applied yet)"}[lst["member"]]
         _say(f"after the last applied change: {member}")

@@ -8,8 +8,8 @@ Reads three topics (no consumer group, :mod:`heapsync.topic_reader`) and answers
 - the sink dead-letter topic and the re-drive marks: the contact's operations that failed for good,
   why, and whether (under which replay id) they were re-driven.
 
-Per list (one list's deltas share a key, hence a partition, so offset order is the order a sink
-applies them), each change gets one outcome for the chosen sink:
+Per list, in the order a sink meets them (:func:`apply_order`: a list's deltas share a key, so normally
+one partition and its offset order), each change gets one outcome for the chosen sink:
 
 - ``applied``: the first copy of a chunk with a progress record, at its ``applied_at``;
 - ``repeat``: a later copy of a chunk already applied (the sink skips it: at-least-once delivery);
@@ -27,6 +27,7 @@ Everything but :func:`gather` is pure.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -105,6 +106,7 @@ class Seen:
     emitted_at: datetime | None
     partition: int
     offset: int
+    written_ms: int = 0  # the record's timestamp: when it reached the deltas topic
 
     @property
     def list_key(self) -> tuple[str, str]:
@@ -140,6 +142,7 @@ def seen_in(rec: Record, asked: str, flt: Filter = Filter()) -> list[Seen]:
         delta_id=doc["delta_id"], chunk=int(doc.get("chunk") or 1), chunks=int(doc.get("chunks") or 1),
         chunk_key=_chunk_key(doc), complete=doc.get("complete") is not False,
         emitted_at=_when(doc.get("emitted_at"), rec.timestamp_ms), partition=rec.partition, offset=rec.offset,
+        written_ms=rec.timestamp_ms,
     )
     if doc.get("kind") == "drain":
         return [Seen(change="drain", contact=None, **common)]
@@ -307,6 +310,27 @@ def _dead_letter_step(seen: Seen, dls: list[DeadLetter], applied: Applied | None
                 d.replay_id if d.redrive == "redriven" else None)
 
 
+def apply_order(seen: Iterable[Seen]) -> list[Seen]:
+    """Per list, the order a sink meets the changes: offset order within a partition; changes of one
+    list on different partitions (a producer that hashes the key differently, say) are merged by the
+    time they reached the topic, keeping each partition's own order."""
+    by_part: dict[tuple[str, str], dict[int, list[Seen]]] = {}
+    for s in seen:
+        by_part.setdefault(s.list_key, {}).setdefault(s.partition, []).append(s)
+    out: list[Seen] = []
+    for list_key in sorted(by_part):
+        runs = []
+        for _, run in sorted(by_part[list_key].items()):
+            latest = 0  # a record never goes before its predecessor on the partition, whatever its clock said
+            timed = []
+            for s in sorted(run, key=lambda s: s.offset):
+                latest = max(latest, s.written_ms)
+                timed.append((latest, s))
+            runs.append(timed)
+        out.extend(s for _, s in heapq.merge(*runs, key=lambda t: t[0]))
+    return out
+
+
 def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
                 dead: Mapping[str, list[DeadLetter]] | None = None,
                 held: Mapping[str, HeldState] | None = None) -> list[Step]:
@@ -315,7 +339,7 @@ def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
     The first copy of a chunk on the topic is the one applied; later copies are repeats the sink
     skipped (a replay or re-drive has its own ``chunk_key``, so it is a change of its own)."""
     dead, held = dead or {}, held or {}
-    ordered = sorted(seen, key=lambda s: (s.account, s.list_name, s.partition, s.offset))
+    ordered = apply_order(seen)
     firsts: set[str] = set()
     steps: list[Step] = []
     for s in ordered:
@@ -379,7 +403,8 @@ class Trace:
         lists = []
         for (account, list_name), member in members.items():
             rows = [s.row() for s in self.steps if s.seen.list_key == (account, list_name)]
-            lists.append({"account": account, "list_name": list_name, "member": member, "steps": rows})
+            lists.append({"account": account, "list_name": list_name, "member": member,
+                          "partitions": sorted({r["partition"] for r in rows}), "steps": rows})
         return {"contact": self.contact, "sink": self.sink, "lists": lists}
 
 

@@ -59,11 +59,17 @@ def test_trace_shows_each_change_of_one_contact_in_order_with_its_outcome(pipeli
     members = {ANN, *OTHERS}
     assert pipeline.wait_for_members(LIST, members) == members, pipeline.logs()
 
+    last: list[dict] = []
+
     def traced() -> dict | None:  # the re-driven change applied: its progress record is written after the apply
         doc = cli(pipeline, "trace", " Ann@Example.COM ")  # matched the way Cordial compares emails
+        last[:] = [doc]
         return doc if doc["lists"] and doc["lists"][0]["steps"][-1]["outcome"] == "applied" else None
 
-    doc = wait_for("the re-driven change applied in the trace", traced, pipeline, timeout=60, every=2)
+    try:
+        doc = wait_for("the re-driven change applied in the trace", traced, pipeline, timeout=60, every=2)
+    except AssertionError as exc:
+        raise AssertionError(f"last trace: {json.dumps(last, indent=1)}") from exc
     [lst] = doc["lists"]
     assert (lst["account"], lst["list_name"], lst["member"]) == ("acme", LIST, True)
     steps = [(s["sync_task_id"], s["replay_id"], s["change"], s["outcome"]) for s in lst["steps"]]

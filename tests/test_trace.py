@@ -236,3 +236,24 @@ def test_json_output_and_the_contact_read_from_stdin(monkeypatch: pytest.MonkeyP
     doc = json.loads(res.output)
     assert asked == ["ann@x.com"] and doc["lists"][0]["steps"][0]["contact"] == "Ann@x.com"
     assert CliRunner().invoke(cli.cli, ["trace", "-"], input="\n").exit_code == 2
+
+
+def test_a_list_on_two_partitions_is_merged_by_time_keeping_each_partitions_order() -> None:
+    """A re-drive produced with another partitioner lands on another partition of the deltas topic."""
+    a, b, c = (delta(s, add=("ann@x.com",)) for s in ("s1", "s2", "s3"))
+    redrive = delta("s2", add=("ann@x.com",), replay="r1")
+
+    def at(d: Delta, partition: int, offset: int, ms: int) -> Seen:
+        [s] = seen_in(Record("t", partition, offset, ms, None, d.model_dump_json().encode()), "ann@x.com")
+        return s
+
+    # partition 2 holds s1, s2, s3 (s3 written by a producer whose clock is behind); the re-drive of s2
+    # went to partition 0: late, or between s1 and s2
+    part2 = [at(c, 2, 7, 2_000), at(b, 2, 6, 3_000), at(a, 2, 5, 1_000)]
+    for written, expected in ((4_000, ["s1", "s2", "s3", "s2@r1"]), (1_500, ["s1", "s2@r1", "s2", "s3"])):
+        order = heapsync.trace.apply_order([*part2, at(redrive, 0, 0, written)])
+        assert [f"{s.sync_task_id}@{s.replay_id}" if s.replay_id else s.sync_task_id for s in order] == expected
+    doc = build("ann@x.com", "cordial", [Record("t", 2, 5, 1, None, a.model_dump_json().encode()),
+                                         Record("t", 0, 0, 2, None, redrive.model_dump_json().encode())],
+                [], [], {}).as_json()
+    assert doc["lists"][0]["partitions"] == [0, 2]
