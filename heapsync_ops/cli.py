@@ -382,7 +382,7 @@ def trace(contact_id: str, account: str | None, list_name: str | None, sink: str
     """Why is this contact (not) in the list: every change of it on the deltas topic, per list, in order,
     and what became of each (applied, repeat, held, dead-lettered, re-driven). CONTACT_ID `-` reads it
     from stdin (so it stays out of the process list). Prints only this contact's entries."""
-    from heapsync.trace import Filter, gather
+    from heapsync_ops.trace import Filter, gather
 
     if contact_id == "-":
         contact_id = sys.stdin.readline().strip()
@@ -395,7 +395,7 @@ def trace(contact_id: str, account: str | None, list_name: str | None, sink: str
     if as_json:
         _echo_json(result.as_json())
         return
-    from heapsync.ops_render import render_trace
+    from heapsync_ops.render import render_trace
 
     render_trace(result.as_json())
 

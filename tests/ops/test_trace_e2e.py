@@ -13,10 +13,10 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
-from heapsync.samples import heap_request
+from heapsync_dev.samples import heap_request
 from heapsync.topic_reader import read_topic
 from tests.conftest import Pipeline, http
-from tests.test_ops_e2e import LIST, cli, wait_for
+from tests.ops.test_e2e import LIST, cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ OTHERS = ("bob@example.com", "cat@example.com", "dan@example.com")
 
 
 def trace_table(pipeline: Pipeline, *args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "heapsync.cli", "trace", *args], env=pipeline.env(),
+    res = subprocess.run([sys.executable, "-m", "heapsync_ops.cli", "trace", *args], env=pipeline.env(),
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, f"{res.stdout}\n{res.stderr[-3000:]}"
     return res.stdout

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-import heapsync.trace
-from heapsync import cli
+import heapsync_ops.trace
+from heapsync_ops import cli
 from heapsync.contracts import AppliedChunk, Delta
 from heapsync.topic_reader import Record
-from heapsync.trace import (
+from heapsync_ops.trace import (
     Applied,
     DeadLetter,
     Filter,
@@ -216,7 +216,7 @@ def fake_gather(monkeypatch: pytest.MonkeyPatch, deltas: list[Delta]) -> list[st
         return build(contact, sink, [rec(d, n) for n, d in enumerate(deltas)], [progress(d) for d in deltas], [],
                      {}, flt)
 
-    monkeypatch.setattr(heapsync.trace, "gather", gather)
+    monkeypatch.setattr(heapsync_ops.trace, "gather", gather)
     monkeypatch.setattr(cli, "_checked", lambda: (None, {}))
     return asked
 
@@ -251,7 +251,7 @@ def test_a_list_on_two_partitions_is_merged_by_time_keeping_each_partitions_orde
     # went to partition 0: late, or between s1 and s2
     part2 = [at(c, 2, 7, 2_000), at(b, 2, 6, 3_000), at(a, 2, 5, 1_000)]
     for written, expected in ((4_000, ["s1", "s2", "s3", "s2@r1"]), (1_500, ["s1", "s2@r1", "s2", "s3"])):
-        order = heapsync.trace.apply_order([*part2, at(redrive, 0, 0, written)])
+        order = heapsync_ops.trace.apply_order([*part2, at(redrive, 0, 0, written)])
         assert [f"{s.sync_task_id}@{s.replay_id}" if s.replay_id else s.sync_task_id for s in order] == expected
     doc = build("ann@x.com", "cordial", [Record("t", 2, 5, 1, None, a.model_dump_json().encode()),
                                          Record("t", 0, 0, 2, None, redrive.model_dump_json().encode())],

@@ -420,7 +420,7 @@ def build(contact: str, sink: str, deltas: Iterable[Record], progress: Iterable[
 
 def gather(settings: Any, contact: str, *, sink: str = "cordial", flt: Filter = Filter()) -> Trace:
     """Read the topics and build the trace. Nothing about the contact is logged."""
-    from heapsync import dlq
+    from heapsync_ops import dlq
     from heapsync.topic_reader import read_topic
 
     topics, bootstrap = settings.topics, settings.kafka_bootstrap
