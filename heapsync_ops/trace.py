@@ -148,11 +148,12 @@ def seen_in(rec: Record, asked: str, flt: Filter = Filter()) -> list[Seen]:
         return [Seen(change="drain", contact=None, **common)]
     identity = doc.get("identity_field") if isinstance(doc.get("identity_field"), str) else None
     out: list[Seen] = []
-    for change in ("remove", "add"):  # the sink plans removes before adds; the Delta contract: never both
+    changes: tuple[Change, ...] = ("remove", "add")  # the sink plans removes first; the Delta contract: never both
+    for change in changes:
         ids = doc.get(change)
         for recorded in ids if isinstance(ids, list) else ():
             if isinstance(recorded, str) and same_contact(asked, recorded, identity):
-                out.append(Seen(change=change, contact=recorded, **common))  # type: ignore[arg-type]
+                out.append(Seen(change=change, contact=recorded, **common))
                 break
     return out
 
@@ -420,8 +421,8 @@ def build(contact: str, sink: str, deltas: Iterable[Record], progress: Iterable[
 
 def gather(settings: Any, contact: str, *, sink: str = "cordial", flt: Filter = Filter()) -> Trace:
     """Read the topics and build the trace. Nothing about the contact is logged."""
-    from heapsync_ops import dlq
     from heapsync.topic_reader import read_topic
+    from heapsync_ops import dlq
 
     topics, bootstrap = settings.topics, settings.kafka_bootstrap
     entries = [(e.id, e.record, e.doc) for e in dlq.load(settings, ("sink",))]

@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import heapsync_ops.trace
-from heapsync_ops import cli
 from heapsync.contracts import AppliedChunk, Delta
 from heapsync.topic_reader import Record
+from heapsync_ops import cli
 from heapsync_ops.trace import (
     Applied,
     DeadLetter,

@@ -13,8 +13,8 @@ import uuid
 import pytest
 from confluent_kafka import Producer
 
-from heapsync_dev.samples import heap_request
 from heapsync.topic_reader import read_topic
+from heapsync_dev.samples import heap_request
 from tests.conftest import Pipeline, http
 from tests.ops.test_e2e import LIST, cli, wait_for
 
