@@ -15,8 +15,11 @@ one partition and its offset order), each change gets one outcome for the chosen
 - ``repeat``: a later copy of a chunk already applied (the sink skips it: at-least-once delivery);
 - ``dead-lettered``: the contact's operation failed for good (with the reason, Cordial's status
   and, once re-driven, the replay id; the re-driven change is a row of its own, later);
-- ``held`` / ``released`` / ``discarded``: the removal rail's decision on the chunk (issue 14 §1),
-  fed through :class:`HeldState`; ``pending``: on the topic but not applied yet (the sink is behind).
+- ``held`` (the removal rail stopped it, issue 14 §1), ``waiting`` (a later chunk of the list kept
+  behind that hold), ``discarded`` (an operator discarded the hold: nothing sent); a released hold is
+  ``applied`` with "held ..., released" in its detail (:func:`held_states`, from the rail's compacted
+  ``<prefix>.sink.lists`` topic, and the ``discarded`` flag of the progress record);
+- ``pending``: on the topic but not applied yet (the sink is behind).
 
 Emails are personal data: only the asked contact's own entries are kept, nothing else from a
 chunk (other ids, counts of a bulk rejection aside) reaches the output, and nothing is logged.
@@ -38,7 +41,7 @@ import orjson
 from heapsync.topic_reader import Record, latest_by_key
 
 Change = Literal["add", "remove", "drain"]
-Outcome = Literal["applied", "repeat", "dead-lettered", "held", "released", "discarded", "pending"]
+Outcome = Literal["applied", "repeat", "dead-lettered", "held", "waiting", "discarded", "pending"]
 DETAIL_MAX_CHARS = 200
 
 
@@ -178,6 +181,7 @@ class Applied:
     chunk_key: str
     applied_at: datetime | None
     dead_lettered: int
+    discarded: bool = False  # the removal rail's hold was discarded: recorded as done, nothing sent
 
 
 def applied_chunks(records: Iterable[Record], sink: str) -> dict[str, Applied]:
@@ -196,7 +200,8 @@ def applied_chunks(records: Iterable[Record], sink: str) -> dict[str, Applied]:
         chunk_key = key[len(prefix):].decode("utf-8", "replace")
         dead = doc.get("dead_lettered")
         out[chunk_key] = Applied(sink, chunk_key, _when(doc.get("applied_at"), rec.timestamp_ms),
-                                 dead if isinstance(dead, int) and not isinstance(dead, bool) else 0)
+                                 dead if isinstance(dead, int) and not isinstance(dead, bool) else 0,
+                                 doc.get("discarded") is True)
     return out
 
 
@@ -263,15 +268,43 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
 
 @dataclass(frozen=True)
 class HeldState:
-    """The removal rail's decision on a chunk (issue 14 §1): built from its held-deltas topic.
+    """What the removal rail did with a chunk (issue 14 §1), from its compacted lists topic.
 
-    ``state`` ``held`` (waiting for ``heapsync held release|discard``), ``released`` (then applied in
-    order: its ``applied`` record follows) or ``discarded`` (never applied)."""
+    ``state`` ``held`` (the rail stopped it: ``heapsync held release|discard`` decides) or ``waiting``
+    (kept behind a hold of its list) while the hold record is there; ``decided`` once it was deleted
+    (the progress record then says applied, i.e. released, or discarded). A decided hold is known only
+    until the topic is compacted."""
 
     chunk_key: str
-    state: Literal["held", "released", "discarded"]
+    state: Literal["held", "waiting", "decided"]
     at: datetime | None = None
     reason: str = ""
+
+
+def held_states(records: Iterable[Record], sink: str) -> dict[str, HeldState]:
+    """``chunk_key`` -> the rail's state, from the lists topic's records in order (keys
+    ``<sink>|held|<chunk_key>``: a ``HeldChunk`` while held, a tombstone once decided)."""
+    prefix = f"{sink}|held|".encode()
+    out: dict[str, HeldState] = {}
+    for rec in records:
+        if rec.key is None or not rec.key.startswith(prefix):
+            continue
+        chunk_key = rec.key[len(prefix):].decode("utf-8", "replace")
+        if rec.value is None:
+            if chunk_key in out:
+                prior = out[chunk_key]
+                out[chunk_key] = HeldState(chunk_key, "decided", prior.at, prior.reason)
+            continue
+        try:
+            doc = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        role: Literal["held", "waiting"] = "waiting" if doc.get("role") == "waiting" else "held"
+        reason = str(doc.get("reason") or "") if role == "held" else "behind a held delta of this list"
+        out[chunk_key] = HeldState(chunk_key, role, _when(doc.get("held_at"), rec.timestamp_ms), reason)
+    return out
 
 
 @dataclass(frozen=True)
@@ -351,12 +384,16 @@ def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
             steps.append(Step(s, "repeat", s.emitted_at, "a copy of a chunk already on the topic; the sink skips it"
                               if done else "a copy of a chunk already on the topic"))
             continue
+        h = held.get(s.chunk_key)
         if done is None and s.chunk_key not in dead:
-            h = held.get(s.chunk_key)
-            if h is not None:
+            if h is not None and h.state != "decided":
                 steps.append(Step(s, h.state, h.at, h.reason))
             else:
                 steps.append(Step(s, "pending", None, "not applied yet: the sink has not reached it"))
+            continue
+        if done is not None and done.discarded:
+            why = f"held ({h.reason}) and " if h is not None and h.reason else "held and "
+            steps.append(Step(s, "discarded", done.applied_at, why + "discarded by an operator: nothing sent"))
             continue
         dl_step = _dead_letter_step(s, dead.get(s.chunk_key, []), done)
         if dl_step is not None:
@@ -367,9 +404,10 @@ def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
         if unnamed:
             detail = (f"{unnamed[-1].reason}: Cordial's import rejected rows of this chunk without naming them; "
                       f"this contact may be among them ({unnamed[-1].entry})")
-        h = held.get(s.chunk_key)
-        if h is not None and h.state == "released":
-            detail = "; ".join(x for x in (f"held, released {_iso(h.at) or ''}".strip(), detail) if x)
+        if h is not None:
+            held_since = f"held {_iso(h.at)}" if h.at else "held"
+            detail = "; ".join(x for x in (f"{held_since} ({h.reason}), released" if h.reason else
+                                           f"{held_since}, released", detail) if x)
         steps.append(Step(s, "applied", done.applied_at if done else None, detail))
     return steps
 
@@ -428,9 +466,14 @@ def gather(settings: Any, contact: str, *, sink: str = "cordial", flt: Filter = 
     entries = [(e.id, e.record, e.doc) for e in dlq.load(settings, ("sink",))]
     return build(contact, sink, read_topic(bootstrap, topics.deltas, idle_timeout=10.0),
                  read_topic(bootstrap, topics.sink_progress, idle_timeout=10.0), entries, dlq.load_marks(settings),
-                 flt, load_held(settings))
+                 flt, load_held(settings, sink))
 
 
-def load_held(settings: Any) -> dict[str, HeldState]:
-    """The removal rail's held chunks by ``chunk_key``: none until the rail's held-deltas topic exists."""
-    return {}
+def load_held(settings: Any, sink: str) -> dict[str, HeldState]:
+    """The removal rail's holds by ``chunk_key``, from ``<prefix>.sink.lists`` (none where there is no rail)."""
+    from heapsync.topic_reader import read_topic
+
+    topic = getattr(settings.topics, "sink_lists", None)
+    if not isinstance(topic, str):
+        return {}
+    return held_states(read_topic(settings.kafka_bootstrap, topic, idle_timeout=10.0), sink)

@@ -21,7 +21,6 @@ from heapsync_ops.trace import (
     Applied,
     DeadLetter,
     Filter,
-    HeldState,
     Seen,
     build,
     dead_letters_of,
@@ -137,15 +136,35 @@ def test_a_dead_lettered_change_says_why_and_its_redrive_is_a_change_of_its_own(
     assert membership([only]) == {("acme", "L"): None}
 
 
-def test_held_released_and_discarded_chunks_slot_in() -> None:
-    a, b, c = (delta(s, remove=("ann@x.com",)) for s in ("s1", "s2", "s3"))
-    held = {a.chunk_key: HeldState(a.chunk_key, "held", T0, "would remove 80% of the list"),
-            b.chunk_key: HeldState(b.chunk_key, "discarded", T0),
-            c.chunk_key: HeldState(c.chunk_key, "released", T0)}
-    steps = trace_steps([seen(a, 1), seen(b, 2), seen(c, 3)], {c.chunk_key: Applied("cordial", c.chunk_key, T0, 0)},
-                        held=held)
-    assert [s.outcome for s in steps] == ["held", "discarded", "applied"]
-    assert steps[0].detail == "would remove 80% of the list" and steps[2].detail.startswith("held, released")
+def held_record(d: Delta, role: str, offset: int, reason: str = "") -> Record:
+    """A ``HeldChunk`` on the removal rail's lists topic, as the rail's sink writes it (issue 14 §1)."""
+    return rec({"schema_version": 1, "sink": "cordial", "role": role, "seq": offset, "reason": reason,
+                "partition": 0, "offset": offset, "held_at": T0.isoformat(), "delta": d.model_dump(mode="json")},
+               offset, topic="t.sink.lists", key=f"cordial|held|{d.chunk_key}".encode())
+
+
+def test_the_removal_rails_holds_slot_in_held_waiting_released_discarded() -> None:
+    a, b, c, w = (delta(s, remove=("ann@x.com",)) for s in ("s1", "s2", "s3", "s4"))
+    lists = [held_record(a, "held", 1, "would remove 9 of 10 members (more than 50%)"),
+             held_record(b, "held", 2, "drain held (hold_drains)"), held_record(c, "held", 3, "r3"),
+             Record("t.sink.lists", 0, 4, 0, f"cordial|held|{b.chunk_key}".encode(), None),  # decided
+             Record("t.sink.lists", 0, 5, 0, f"cordial|held|{c.chunk_key}".encode(), None),
+             held_record(w, "waiting", 6)]
+    held = heapsync_ops.trace.held_states(lists, "cordial")
+    discarded = progress(b)
+    discarded = Record(discarded.topic, 0, 0, 0, discarded.key,
+                       orjson.dumps({**orjson.loads(discarded.value or b""), "discarded": True}))
+    out = build("ann@x.com", "cordial", [rec(a, 1), rec(b, 2), rec(c, 3), rec(w, 4)], [discarded, progress(c)],
+                [], {}, held=held).as_json()
+    steps = [(s["sync_task_id"], s["outcome"], s["detail"]) for s in out["lists"][0]["steps"]]
+    assert steps == [
+        ("s1", "held", "would remove 9 of 10 members (more than 50%)"),
+        ("s2", "discarded", "held (drain held (hold_drains)) and discarded by an operator: nothing sent"),
+        ("s3", "applied", f"held {T0.isoformat(timespec='seconds')} (r3), released"),
+        ("s4", "waiting", "behind a held delta of this list"),
+    ]
+    assert out["lists"][0]["member"] is False  # only s3's removal was applied
+    assert heapsync_ops.trace.held_states(lists, "archive") == {}
 
 
 def test_dead_letters_of_other_contacts_are_left_out_and_a_whole_chunk_gives_no_response() -> None:
