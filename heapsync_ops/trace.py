@@ -51,7 +51,8 @@ def normalise(contact: str) -> str:
 
 
 def is_email_identity(identity: str | None) -> bool:
-    return (identity or "email").strip().lower() == "email"
+    """The pipeline's rule (``Account.identity_key``): ids are emails when the identity field is ``email``."""
+    return (identity or "email") == "email"
 
 
 def same_contact(asked: str, recorded: str, identity: str | None) -> bool:
