@@ -21,8 +21,8 @@ one partition and its offset order), each change gets one outcome for the chosen
   ``<prefix>.sink.lists`` topic, and the ``discarded`` flag of the progress record);
 - ``pending``: on the topic but not applied yet (the sink is behind).
 
-Emails are personal data: only the asked contact's own entries are kept, nothing else from a
-chunk (other ids, counts of a bulk rejection aside) reaches the output, and nothing is logged.
+Emails are personal data: only the asked contact's own entries are kept; nothing else from a chunk
+or a dead letter (other ids, other contacts' Cordial answers) reaches the output, and nothing is logged.
 Email ids match the way Cordial compares them (trimmed, lower-cased); other identities exactly.
 
 Everything but :func:`gather` is pure.
@@ -386,7 +386,7 @@ def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
                               if done else "a copy of a chunk already on the topic"))
             continue
         h = held.get(s.chunk_key)
-        if done is None and s.chunk_key not in dead:
+        if done is None and not any(d.named for d in dead.get(s.chunk_key, [])):
             if h is not None and h.state != "decided":
                 steps.append(Step(s, h.state, h.at, h.reason))
             else:

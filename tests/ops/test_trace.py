@@ -190,6 +190,8 @@ def test_a_bulk_rejection_that_names_no_rows_qualifies_the_applied_change() -> N
                                      None, False)]}
     [s] = trace_steps([seen(d, 1)], {d.chunk_key: Applied("cordial", d.chunk_key, T0, 3)}, dead)
     assert s.outcome == "applied" and "may be among them (sink:1:7)" in s.detail
+    [s] = trace_steps([seen(d, 1)], {}, dead)  # its progress record not written yet
+    assert s.outcome == "pending"
 
 
 @given(asked=emails, others=st.lists(emails, min_size=1, max_size=6))
