@@ -284,6 +284,8 @@ class SinkRunner:
         })
 
     async def _process(self, item: _Item) -> None:
+        if item.resolve is not None:
+            self._resolving.discard(item.resolve)  # a new decision may queue another from now on
         if item.progress.revoked:
             return  # the partition moved to another consumer, which reads it from the committed offset
         if self._rail_sync is not None:
@@ -389,7 +391,6 @@ class SinkRunner:
         """Carry out the decisions on this list's holds, in order: a released hold is applied, a discarded
         one recorded as discarded; then the chunks that waited behind it go through the rail again
         (applied, or the first one that trips it becomes the new hold)."""
-        self._resolving.discard(lane)
         account, _, list_name = lane.partition(":")
         key = (account, list_name)
         while queue := self.lists.queue(key):

@@ -50,16 +50,18 @@ def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_o
     produce(pipeline, make_delta("Seg", add=everyone))
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == set(everyone)), pipeline.logs()
 
-    # removes 8 of 10 members: held; the next sync re-adds u0 and adds n0: it must wait behind, not overtake
-    mass = make_delta("Seg", remove=everyone[:8])
+    # removes 8 of 10 members, in two chunks: held (both); the next sync re-adds u0 and adds n0: it must wait
+    # behind, not overtake
+    mass = make_delta("Seg", remove=everyone[:4], chunks=2)
+    mass_2 = make_delta("Seg", remove=everyone[4:8], delta_id=mass.delta_id, chunk=2, chunks=2)
     later = make_delta("Seg", add=["u0@example.com", "n0@example.com"])
     other = make_delta("Other", add=["o@example.com"])  # another list is not held up
-    produce(pipeline, mass, later, other)
+    produce(pipeline, mass, mass_2, later, other)
     assert wait_for(lambda: sim_members(pipeline, "acme", "Other") == {"o@example.com"}), pipeline.logs()
     [row] = held_rows(pipeline, 1)
     assert row["delta_id"] == mass.delta_id and row["list_name"] == "Seg"
     assert row["reason"] == "would remove 8 of 10 members (more than 50%)"
-    assert row["waiting_deltas"] == [later.delta_id] and row["decision"] is None
+    assert row["waiting_deltas"] == [later.delta_id] and row["decision"] is None and row["chunks_held"] == 2
     assert sim_members(pipeline, "acme", "Seg") == set(everyone)  # nothing of either applied
     shown = cli(pipeline, "held", "show", mass.delta_id[:8])
     assert shown["waiting_detail"] == [{"delta_id": later.delta_id, "kind": "sync", "sync_task_id": None,
@@ -77,8 +79,8 @@ def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_o
     expected = set(everyone[8:]) | {"u0@example.com", "n0@example.com"}  # in order: remove u0, then add it back
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == expected), pipeline.logs()
     assert wait_for(lambda: cli(pipeline, "held", "list") == [], 60), pipeline.logs()
-    progress = dict(read_topic(pipeline, f"{pipeline.prefix}.sink.progress", at_least=4))
-    assert {f"cordial|{d.chunk_key}" for d in (mass, later)} <= set(progress)
+    progress = dict(read_topic(pipeline, f"{pipeline.prefix}.sink.progress", at_least=5))
+    assert {f"cordial|{d.chunk_key}" for d in (mass, mass_2, later)} <= set(progress)
     assert "delta held by the removal rail" in sink.output()
     assert sink.stop() == 0
 
