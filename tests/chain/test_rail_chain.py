@@ -102,11 +102,18 @@ def test_a_held_drain_survives_a_restart_and_discard_drops_it_while_the_waiting_
 
     sink.stop(signal.SIGKILL)  # the hold is on a topic, not in the sink's memory
     sink = pipeline.start("sink", "sink")
+    # the restarted sink knows the hold: a sync arriving now waits behind it too
+    later2 = make_delta("Seg", add=["late2@example.com"])
+    produce(pipeline, later2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and held_rows(pipeline, 1)[0]["waiting"] < 2:
+        time.sleep(1)
+    assert held_rows(pipeline, 1)[0]["waiting_deltas"] == [later.delta_id, later2.delta_id], pipeline.logs()
     assert sim_members(pipeline, "acme", "Seg") == set(everyone)
     discarded = cli(pipeline, "held", "discard", drain.delta_id)
     assert discarded["action"] == "discard"
-    assert "then the 1 delta(s) waiting behind it are applied in order" in discarded["outcome"]
-    expected = set(everyone[1:]) | {"late@example.com"}
+    assert "then the 2 delta(s) waiting behind it are applied in order" in discarded["outcome"]
+    expected = set(everyone[1:]) | {"late@example.com", "late2@example.com"}
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == expected, 90), pipeline.logs()
     assert wait_for(lambda: cli(pipeline, "held", "list") == [], 60), pipeline.logs()
     progress = dict(read_topic(pipeline, f"{pipeline.prefix}.sink.progress", at_least=3))

@@ -113,3 +113,15 @@ def test_state_from_records_orders_the_queue_and_tombstones_delete() -> None:
     state.feed(count_key("cordial", "acme", "L"), count.model_dump_json().encode(), skip_writer="other")
     assert state.counts == {("acme", "L"): 7}
     assert not state.feed("archive|count|acme|L", b"{}") and not state.feed("cordial|held|x", b"not json")
+
+
+@given(st.permutations(range(6)))
+def test_the_queue_order_does_not_depend_on_the_order_records_are_read(order: list[int]) -> None:
+    """Held chunks live on several partitions of the lists topic: any read order gives the same queue."""
+    chunks = [held(f"d{n // 2}", n % 2 + 1, "held" if n == 0 else "waiting", seq=n) for n in range(6)]
+    state = ListsState("cordial")
+    for n in order:
+        state.feed(held_key("cordial", chunks[n].delta.chunk_key), chunks[n].model_dump_json().encode())
+    assert [c.delta.chunk_key for c in state.queue(("acme", "L"))] == [c.delta.chunk_key for c in chunks]
+    [row] = state.holds()
+    assert (row["delta_id"], row["waiting_deltas"]) == ("d0", ["d1", "d2"])
