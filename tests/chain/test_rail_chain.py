@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from tests.conftest import Pipeline
+from heapsync_dev.broker import free_port
+from tests.conftest import Pipeline, http
 from tests.ops.test_e2e import cli
 from tests.sink_helpers import make_delta, produce, read_topic, sim_members, wait_for
 
@@ -21,6 +22,10 @@ pytestmark = pytest.mark.integration
 
 def emails(prefix: str, n: int) -> list[str]:
     return [f"{prefix}{i}@example.com" for i in range(n)]
+
+
+def metrics(port: int) -> str:
+    return str(http("GET", f"http://127.0.0.1:{port}/metrics").body)
 
 
 def rail_accounts(pipeline: Pipeline, rail: str) -> None:
@@ -45,7 +50,8 @@ def held_rows(pipeline: Pipeline, n: int) -> list[dict]:
 def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_order(pipeline: Pipeline) -> None:
     rail_accounts(pipeline, "max_removal_fraction = 0.5\n")
     pipeline.start_simulator()
-    sink = pipeline.start("sink", "sink")
+    metrics_port = free_port()
+    sink = pipeline.start("sink", "sink", env=pipeline.env(HEAPSYNC_METRICS_PORT=str(metrics_port)))
     everyone = emails("u", 10)
     produce(pipeline, make_delta("Seg", add=everyone))
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == set(everyone)), pipeline.logs()
@@ -67,6 +73,8 @@ def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_o
     assert shown["waiting_detail"] == [{"delta_id": later.delta_id, "kind": "sync", "sync_task_id": None,
                                         "chunks": 1, "adds": 2, "removes": 0}]
     assert "u0@example.com" not in str(shown)  # no contact ids
+    held_metric = 'heapsync_sink_held_deltas{account="acme",sink="cordial"}'
+    assert wait_for(lambda: f"{held_metric} 1.0" in metrics(metrics_port), 30), metrics(metrics_port)
     status = cli(pipeline, "status")
     assert [h["delta_id"] for h in status["held"]] == [mass.delta_id]
     # deciding the waiting one is refused: it is not the hold
@@ -79,6 +87,7 @@ def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_o
     expected = set(everyone[8:]) | {"u0@example.com", "n0@example.com"}  # in order: remove u0, then add it back
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == expected), pipeline.logs()
     assert wait_for(lambda: cli(pipeline, "held", "list") == [], 60), pipeline.logs()
+    assert wait_for(lambda: f"{held_metric} 0.0" in metrics(metrics_port), 30), metrics(metrics_port)
     progress = dict(read_topic(pipeline, f"{pipeline.prefix}.sink.progress", at_least=5))
     assert {f"cordial|{d.chunk_key}" for d in (mass, mass_2, later)} <= set(progress)
     assert "delta held by the removal rail" in sink.output()
