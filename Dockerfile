@@ -1,5 +1,6 @@
 # One image for every heapsync stage; the command picks the stage (see docker-compose.yml).
-FROM python:3.11-slim
+# Targets: `production` (the default, last) and `demo` (adds the dev tooling for the Cordial simulator).
+FROM python:3.11-slim AS production-base
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -27,3 +28,12 @@ WORKDIR /var/lib/heapsync
 EXPOSE 8080 8090
 ENTRYPOINT []
 CMD ["heapsync", "--help"]
+
+# The compose file's demo profile: the same image plus heapsync_dev, for `heapsync simulator`.
+FROM production-base AS demo
+USER root
+COPY heapsync_dev /app/heapsync_dev
+RUN cd /app && pip install --no-deps .  # the dependencies are the base image's; Tansu stays out
+USER heapsync
+
+FROM production-base AS production

@@ -1,7 +1,7 @@
 """Settings in one place: environment variables (``HEAPSYNC_*``) and the accounts file.
 
 Every setting has a default that runs on one machine; production overrides
-them through the environment (see README, "Settings").
+them through the environment (see docs/settings.md).
 """
 
 from __future__ import annotations

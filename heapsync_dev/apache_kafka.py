@@ -30,7 +30,7 @@ from typing import Any
 from heapsync_dev.processes import StopOnSignal, die_with_parent, free_port, stop_processes
 
 DEFAULT_KAFKA_VERSION = "4.4.0"
-"""The version production should run (docker-compose.yml pins the same); see README "Running on Apache Kafka"."""
+"""The version production should run (docker-compose.yml pins the same); see docs/scale.md "Running on Apache Kafka"."""
 
 TESTED_KAFKA_VERSIONS = ("3.9.0", DEFAULT_KAFKA_VERSION)
 """Versions the whole chain was run on: the 3.9 line compose used to pin, and the current 4.x."""

@@ -74,7 +74,7 @@ def kafka() -> None:
 
 
 _kafka_version = click.option("--version", "version", default=None, metavar="VERSION",
-                              help="Apache Kafka version (default the one production pins, see README).")
+                              help="Apache Kafka version (default the one production pins, see docs/scale.md).")
 
 
 @kafka.command("fetch")

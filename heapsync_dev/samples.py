@@ -1,4 +1,4 @@
-"""Sample Heap requests, shaped like the ones in DESIGN.md; used by ``send-sample``, tests and benchmarks."""
+"""Sample Heap requests, shaped like the one in docs/design.md ("Heap's request"); for ``send-sample``, tests, benchmarks."""
 
 from __future__ import annotations
 

@@ -207,7 +207,7 @@ def topics(create: bool, as_json: bool) -> None:
 
 
 # --------------------------------------------------------------------------
-# Operations: replay, dead letters, status, archive (see README "Runbooks")
+# Operations: replay, dead letters, status, archive (see docs/operations.md "Runbooks")
 # --------------------------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """``heapsync replay``: re-drive a range of the pages or deltas topic.
 
-Replaying is safe because of the replay contract (COMMON.md): each re-produced
+Replaying is safe because of the replay contract (docs/operations.md, "Replay"): each re-produced
 record carries a fresh ``replay_id``. A replayed page is assembled as a fresh
 sync (its sync key includes the replay id), a replayed delta chunk has its own
 ``chunk_key``, so nothing is swallowed as "already done", and applying the same

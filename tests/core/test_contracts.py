@@ -1,4 +1,4 @@
-"""Heap's payload as DESIGN.md describes it, and what the models accept and refuse."""
+"""Heap's payload as docs/design.md describes it, and what the models accept and refuse."""
 
 from __future__ import annotations
 

