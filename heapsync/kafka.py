@@ -89,6 +89,8 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     # refer to (deltas, dead letters), so they expire with the same retention.
     for name in (t.sink_progress, t.dlq_redrive):
         configs[name] = {**base, "cleanup.policy": "compact,delete"}
+    # One record per list (and per held chunk until decided): a hold must outlive the retention.
+    configs[t.sink_lists] = {**base, "cleanup.policy": "compact", "retention.ms": "-1"}
     return configs
 
 

@@ -142,7 +142,7 @@ class LoopProducer:
 
     # ---- producing
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
                    headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None,
                    partition: int | None = None) -> Message:
         """Resolve when the broker acked; ``ProduceError`` if it refused; ``asyncio.TimeoutError`` after ``timeout``.
@@ -284,7 +284,7 @@ class ResilientProducer:
                 old.close(1.0)
         return self.current
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
                    headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None,
                    partition: int | None = None) -> Message:
         """``LoopProducer.send`` on the live producer.

@@ -94,6 +94,8 @@ def render_status(doc: dict[str, Any]) -> None:
     render_rows("dead letters (not re-driven)", dl, ["topic", "reason", "count"])
     render_rows("last applied per list", doc["last_applied"],
                 ["sink", "account", "list_name", "sync_task_id", "chunk", "adds", "removes", "applied_at"])
+    render_rows("held by the removal rail (heapsync held list|show|release|discard)", doc.get("held", []),
+                ["delta_id", "account", "list_name", "reason", "waiting", "held_at", "decision"])
 
 
 def render_topics(rows: list[dict[str, Any]]) -> None:
