@@ -72,7 +72,7 @@ def _log_retry(topic: str, state: RetryCallState) -> None:
                                                    "attempt": state.attempt_number})
 
 
-async def send_retrying(producer: ResilientProducer, topic: str, value: bytes, key: bytes,
+async def send_retrying(producer: ResilientProducer, topic: str, value: bytes | None, key: bytes,
                          give_up_after: float = 120.0) -> None:
     """A record we must not lose: retry a broker hiccup for a while, then raise (chunk redone later).
 
