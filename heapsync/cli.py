@@ -113,9 +113,9 @@ def process() -> None:
 
     from processors.worker import create_app, declare_changelogs
 
-    settings, _ = _checked()
+    settings, accounts = _checked()  # the segments' settings: pinned list names, disabled segments
     logs.setup(settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, accounts)
     try:
         declare_changelogs(app, settings)
     except KafkaException as exc:  # Faust declares them itself as it starts, as before

@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,40 @@ class AccountError(ValueError):
     """The accounts file is missing, unreadable or invalid."""
 
 
+class SegmentSettings(BaseModel):
+    """One segment's overrides (``[accounts.<id>.segments."<segment id>"]``); an unknown key is an error.
+
+    The default (no table) is what Heap sends: list named after the segment, enabled, the
+    account's removal rail.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    list_name: str | None = Field(
+        None, description="Pins the Cordial list: a segment renamed in Heap keeps feeding this list."
+    )
+    enabled: bool = Field(
+        True, description="false: pages are acknowledged and kept in the pages topic; nothing goes to Cordial."
+    )
+    max_removal_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="Removal-rail override for this segment (default: the account's)."
+    )
+    hold_drains: bool | None = Field(
+        None, description="Removal-rail override for this segment (default: the account's)."
+    )
+
+    @field_validator("list_name")
+    @classmethod
+    def _usable_list_name(cls, v: str | None) -> str | None:
+        # Cordial list names carry no whitespace (the segment-name rule removes it); a pinned one must not either
+        if v is not None and (not v or any(c.isspace() for c in v)):
+            raise ValueError("must be a non-empty Cordial list name without whitespace")
+        return v
+
+
+DEFAULT_SEGMENT = SegmentSettings()
+
+
 class Account(BaseModel):
     """One Cordial account fed by one Heap integration (one ``[accounts.<id>]`` table)."""
 
@@ -51,6 +86,9 @@ class Account(BaseModel):
     )
     max_concurrency: int = Field(8, ge=1)
     rate_limit_per_second: float = Field(50.0, gt=0)
+    segments: dict[str, SegmentSettings] = Field(
+        default_factory=dict, description='Per-segment overrides, ``[accounts.<id>.segments."<segment id>"]``.'
+    )
 
     @field_validator("heap_webhook_secrets", mode="before")
     @classmethod
@@ -80,6 +118,10 @@ class Account(BaseModel):
             )
         return value
 
+    def segment(self, segment_id: str | int) -> SegmentSettings:
+        """The segment's overrides, or the defaults (Heap sends ids as strings or integers: both match)."""
+        return self.segments.get(str(segment_id), DEFAULT_SEGMENT)
+
     def secrets(self) -> list[bytes]:
         return [s.get_secret_value().encode() for s in self.heap_webhook_secrets]
 
@@ -88,6 +130,19 @@ class Account(BaseModel):
         if identity_field == "email":
             return "email"
         return self.cordial_identity_key or identity_field
+
+
+def segment_settings(accounts: Mapping[str, Account], account_id: str, segment_id: str | int) -> SegmentSettings:
+    """What the accounts file says about one segment: its table, or the defaults (also for an unknown account)."""
+    account = accounts.get(account_id)
+    return account.segment(segment_id) if account is not None else DEFAULT_SEGMENT
+
+
+def disabled_segments(accounts: Mapping[str, Account]) -> list[dict[str, str | None]]:
+    """Segments turned off in the accounts file (``enabled = false``), for ``heapsync status`` and the status page."""
+    return [{"account": account_id, "segment_id": segment_id, "list_name": seg.list_name}
+            for account_id, account in sorted(accounts.items())
+            for segment_id, seg in sorted(account.segments.items()) if not seg.enabled]
 
 
 def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
