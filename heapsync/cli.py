@@ -468,11 +468,11 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_broker_errors
 def status(as_json: bool) -> None:
-    """Consumer lag, open syncs, dead letters and the last applied sync per list."""
+    """Consumer lag, open syncs, dead letters, the last applied sync per list, disabled segments."""
     from heapsync.status import gather
 
     logs.setup("WARNING")
-    doc = gather(_checked()[0])
+    doc = gather(*_checked())  # the accounts name the disabled segments
     if as_json:
         _echo_json(doc)
         return

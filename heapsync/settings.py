@@ -56,6 +56,21 @@ class SegmentSettings(BaseModel):
         None, description="Removal-rail override for this segment (default: the account's)."
     )
 
+    @field_validator("enabled", "hold_drains", mode="before")
+    @classmethod
+    def _a_bool(cls, v: object) -> object:
+        # TOML has true/false: "no" or 0 here is a mistake to report, not a value to guess at
+        if v is not None and not isinstance(v, bool):
+            raise ValueError("must be true or false")
+        return v
+
+    @field_validator("max_removal_fraction", mode="before")
+    @classmethod
+    def _a_number(cls, v: object) -> object:
+        if isinstance(v, bool) or not (v is None or isinstance(v, (int, float))):
+            raise ValueError("must be a number from 0 to 1 (a share of the list's members)")
+        return v
+
     @field_validator("list_name")
     @classmethod
     def _usable_list_name(cls, v: str | None) -> str | None:

@@ -705,5 +705,5 @@ def create_admin_app(settings: Settings, ingress: Ingress) -> web.Application:
     app.router.add_get("/openapi.json", ingress.openapi)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
-    add_status_routes(app, settings)
+    add_status_routes(app, settings, ingress.accounts)
     return app

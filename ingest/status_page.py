@@ -17,7 +17,7 @@ import contextlib
 import html
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from heapsync.settings import Settings
+from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, TopicFollower
 from ingest.ops_metrics import OpsView, attach
 from processors import rules
@@ -157,6 +157,14 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
     if reader_failures:
         parts.append(f"<p class='bad'>Cannot read the topics ({reader_failures} broker errors in a row); retrying. "
                      "What is shown may be out of date.</p>")
+    if snap.get("disabled_segments"):
+        parts.append("<h2>Disabled segments</h2><p class='warn'>enabled = false in the accounts file: their pages "
+                     "are acknowledged and kept in the pages topic; nothing is sent to Cordial.</p>"
+                     "<table><tr><th>account</th><th>segment id</th><th>list</th></tr>")
+        for seg in snap["disabled_segments"]:
+            parts.append(f"<tr class='warn'><td>{e(str(seg['account']))}</td><td>{e(str(seg['segment_id']))}</td>"
+                         f"<td>{e(str(seg.get('list_name') or '(named after the segment)'))}</td></tr>")
+        parts.append("</table>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
         parts.append("<p>No applied syncs yet.</p>")
@@ -308,10 +316,12 @@ class Tailer:
 TAILER_KEY = web.AppKey("status_tailer", Tailer)
 
 
-def add_status_routes(app: web.Application, settings: Settings) -> None:
-    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app."""
+def add_status_routes(app: web.Application, settings: Settings, accounts: Mapping[str, Account] | None = None) -> None:
+    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress app; ``accounts`` names the
+    segments turned off in the accounts file."""
     if not settings.status_page_enabled:
         return
+    disabled = disabled_segments(accounts or {})
     board = StatusBoard(recent=settings.status_page_recent)
     ops = OpsView()
     tailer = Tailer(settings, board, ops=ops)
@@ -321,12 +331,13 @@ def add_status_routes(app: web.Application, settings: Settings) -> None:
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.Response(text=render_html(board.snapshot(), started=started, reader_failures=tailer.failures),
-                            content_type="text/html")
+        return web.Response(text=render_html({**board.snapshot(), "disabled_segments": disabled}, started=started,
+                                             reader_failures=tailer.failures), content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.json_response({**board.snapshot(), "reading": started, "reader_failures": tailer.failures},
+        return web.json_response({**board.snapshot(), "disabled_segments": disabled, "reading": started,
+                                  "reader_failures": tailer.failures},
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:
