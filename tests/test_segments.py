@@ -6,6 +6,7 @@ Pure rules and the assembler over dicts; the real chain is in tests/test_segment
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -249,3 +250,15 @@ def test_the_final_list_is_the_same_whatever_case_variants_and_order_pages_arriv
         return members
 
     assert final(variants=True) == final(variants=False)
+
+
+@pytest.mark.parametrize("command", [["ingest"], ["process"], ["sink"], ["status"]])
+def test_an_unknown_segment_key_stops_the_command_with_one_line_naming_it(command: list[str], tmp_path: Path) -> None:
+    from tests.test_config_check import run_cli
+
+    path = tmp_path / "accounts.toml"
+    path.write_text(BASE + '[accounts.acme.segments."15225086"]\nlist_name = "Customers"\nenabeld = false\n')
+    result = run_cli(command, tmp_path, HEAPSYNC_ACCOUNTS_FILE=str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: {path}: accounts.acme: segments.15225086.enabeld: Extra inputs are not permitted"]
