@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping
 
 import orjson
 
-from heapsync import dlq_parts
+from heapsync import dlq_parts, naming
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from heapsync.settings import Account, segment_settings
 from processors import rules
@@ -537,7 +537,7 @@ class Assembler:
     def _list_name(self, meta: dict[str, Any]) -> str:
         """The sync's Cordial list: pinned in the accounts file, else named after the segment as it is now."""
         pinned = segment_settings(self.accounts, meta["account"], meta["segment_id"]).list_name
-        return rules.list_name_for(meta["segment_name"], pinned)
+        return naming.list_name_for(meta["segment_name"], pinned)
 
     def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool,
                 missing: list[int]) -> list[Delta]:

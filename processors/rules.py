@@ -7,8 +7,8 @@ How a sync becomes a delta:
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
 3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
    deterministic order, so the same sync always gives the same chunks.
-4. ``list_name``: the Cordial list is the segment name with whitespace removed,
-   unless the accounts file pins it (``list_name_for``).
+4. the Cordial list is named by ``heapsync.naming.list_name_for``: the name the accounts file
+   pins, else the segment name with whitespace removed.
 
 When the identity is ``email``, ids are normalised first (``normalise_ids``: trimmed,
 lower-cased), so steps 1-3 apply to the contact Cordial sees; other identities stay exact.
@@ -21,29 +21,13 @@ expected page count when pages disagree on ``total_pages``.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import orjson
 
-_WHITESPACE = re.compile(r"\s+")
-
 ADD = "add"
 REMOVE = "remove"
-
-
-def list_name(segment_name: str) -> str:
-    """'Heap Test Segment' -> 'HeapTestSegment' (Cordial's documented naming)."""
-    return _WHITESPACE.sub("", segment_name)
-
-
-def list_name_for(segment_name: str, pinned: str | None = None) -> str:
-    """The Cordial list of a segment: the name pinned in the accounts file, else ``list_name(segment_name)``.
-
-    A pin keeps a segment renamed in Heap on its list (without it, the new name starts a new list).
-    """
-    return pinned if pinned else list_name(segment_name)
 
 
 EMAIL_IDENTITY = "email"
