@@ -49,6 +49,8 @@ class SegmentSettings(BaseModel):
     enabled: bool = Field(
         True, description="false: pages are acknowledged and kept in the pages topic; nothing goes to Cordial."
     )
+    # The removal rail (issue 14 #1) resolves these in ``removal_rail_for(account, segment_id)``: a segment's
+    # value, when set, replaces the account's. Until that function reads them they are accepted and checked only.
     max_removal_fraction: float | None = Field(
         None, ge=0.0, le=1.0, description="Removal-rail override for this segment (default: the account's)."
     )
