@@ -375,6 +375,35 @@ def status(as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("contact_id")
+@click.option("--account", default=None, help="Only lists of this account.")
+@click.option("--list", "list_name", default=None, metavar="LIST", help="Only this list (Cordial list name or segment id).")
+@click.option("--sink", default="cordial", show_default=True, help="Whose progress decides 'applied'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_broker_errors
+def trace(contact_id: str, account: str | None, list_name: str | None, sink: str, as_json: bool) -> None:
+    """Why is this contact (not) in the list: every change of it on the deltas topic, per list, in order,
+    and what became of each (applied, repeat, held, dead-lettered, re-driven). CONTACT_ID `-` reads it
+    from stdin (so it stays out of the process list). Prints only this contact's entries."""
+    from heapsync_ops.trace import Filter, gather
+
+    if contact_id == "-":
+        contact_id = sys.stdin.readline().strip()
+    if not contact_id.strip():
+        raise click.BadParameter("give the contact id (an email, or the account's identity key value)",
+                                 param_hint="CONTACT_ID")
+    settings, _ = _checked()
+    logs.setup("WARNING")
+    result = gather(settings, contact_id, sink=sink, flt=Filter(account, list_name))
+    if as_json:
+        _echo_json(result.as_json())
+        return
+    from heapsync_ops.render import render_trace
+
+    render_trace(result.as_json())
+
+
+@cli.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where to write (default HEAPSYNC_ARCHIVE_DIR or .heapsync/archive).")
 @click.option("--max-bytes", type=int, default=None, help="Rotate files at this size (HEAPSYNC_ARCHIVE_MAX_BYTES).")
