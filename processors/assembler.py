@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, MutableMapping
+from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping
 
 import orjson
 
 from heapsync import dlq_parts, naming
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
+from heapsync.settings import Account, segment_settings
 from processors import rules
 
 log = logging.getLogger("heapsync.assembler")
@@ -58,6 +59,7 @@ class Counters:
     delta_chunks: int = 0
     partial_deltas: int = 0
     dead_lettered: int = 0
+    disabled_syncs: int = 0
     done_pruned: int = 0
 
 
@@ -136,10 +138,13 @@ class Assembler:
         done_retention_seconds: float | None = None,
         prune_every_seconds: float = 3600.0,
         prune_lookback_days: int = 366,
+        accounts: Mapping[str, Account] | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self.pages, self.syncs, self.segments, self.done = pages, syncs, segments, done
+        # per-segment settings (pinned list name, enabled), read when a sync is emitted
+        self.accounts: Mapping[str, Account] = accounts or {}
         self.done_days = done_days
         self.done_retention_seconds = done_retention_seconds
         self.prune_every_seconds = prune_every_seconds
@@ -172,9 +177,11 @@ class Assembler:
         skey = rules.sync_key(account, "sync", info.sync_task_id, replay_id)
         seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
+        identity = payload.customer_config.identity_field()
+        # emails as Cordial compares them, before the rules: variants of one address are one contact
         changes = rules.page_changes(
-            add if add is not None else [m.id for m in payload.data.add or ()],
-            remove if remove is not None else [m.id for m in payload.data.remove or ()])
+            rules.normalise_ids(identity, add if add is not None else [m.id for m in payload.data.add or ()]),
+            rules.normalise_ids(identity, remove if remove is not None else [m.id for m in payload.data.remove or ()]))
         encoded = changes.encode()
 
         finished = self.done.get(skey)
@@ -191,7 +198,7 @@ class Assembler:
                 "segment": seg,
                 "segment_id": payload.data.segment.id,
                 "segment_name": payload.data.segment.name,
-                "identity_field": payload.customer_config.identity_field(),
+                "identity_field": identity,
                 "announced": info.total_pages,
                 "total_pages": info.total_pages,
                 "received": 0,
@@ -222,7 +229,7 @@ class Assembler:
             self.pages[pkey] = encoded
             meta["received"] += 1
         self.syncs[skey] = meta
-        self._advance(skey, page, changes if previous is None else None, meta["total_pages"])
+        self._advance(skey, page, changes if previous is None else None, meta["total_pages"], meta["identity_field"])
         # An incomplete sync cannot release its segment's queue (timeouts are the ticks' job), so
         # most pages skip the queue check. A repeat always re-checks: it may be a redelivery after
         # a crash that stopped between storing the last page and emitting.
@@ -230,7 +237,8 @@ class Assembler:
             return Step()
         return Step(segments=[seg])
 
-    def _advance(self, skey: str, page: int, changes: rules.PageChanges | None, total: int) -> None:
+    def _advance(self, skey: str, page: int, changes: rules.PageChanges | None, total: int,
+                 identity_field: str = "") -> None:
         """Apply pages to the sync's running net state, in page order, as far as they are in."""
         if skey not in self._running:
             self._running[skey] = _Running()
@@ -242,7 +250,7 @@ class Assembler:
                 current: rules.PageChanges | None = changes
             else:
                 raw = self.pages.get(rules.page_key(skey, run.next_page))
-                current = rules.decode_page(raw) if raw is not None else None
+                current = rules.normalised_page(identity_field, rules.decode_page(raw)) if raw is not None else None
             if current is None:
                 return
             before = len(run.state)
@@ -358,6 +366,8 @@ class Assembler:
                 self.done_days[day] = [*keys, em.sync_key]
         if em.dead_letter is not None:
             self.counters.dead_lettered += 1
+        elif em.done_value.get("outcome") == "disabled":
+            self.counters.disabled_syncs += 1
         else:
             self.counters.deltas += 1
             self.counters.delta_chunks += len(em.deltas)
@@ -440,11 +450,13 @@ class Assembler:
                 found[p] = rules.digest(raw)
         return found
 
-    def _read_pages(self, skey: str, numbers: Iterable[int]) -> Iterator[rules.PageChanges]:
+    def _read_pages(self, skey: str, numbers: Iterable[int], identity_field: str = "") -> Iterator[rules.PageChanges]:
+        """Stored pages, normalised again for an email identity (a page stored by an older version may hold
+        case variants): so a delta never carries two variants of one address."""
         for p in numbers:
             raw = self.pages.get(rules.page_key(skey, p))
             if raw is not None:
-                yield rules.decode_page(raw)
+                yield rules.normalised_page(identity_field, rules.decode_page(raw))
 
     def _enqueue(self, seg: str, skey: str, partition: int, started_at: float | None = None) -> None:
         """Add a sync to its segment's queue, once. A new sync goes last; one put back after a
@@ -495,16 +507,23 @@ class Assembler:
             "at": now, "complete": complete,
             "digests": [stored.get(p) for p in range(1, total + 1)],
         }
+        if not segment_settings(self.accounts, meta["account"], meta["segment_id"]).enabled:
+            # acknowledged, kept in the pages topic (a replay re-drives it once enabled), nothing downstream
+            done_value.update(outcome="disabled", segment_id=str(meta["segment_id"]))
+            log.info("segment disabled in the accounts file; sync assembled, no delta",
+                     extra={"sync": skey, "account": meta["account"], "segment_id": str(meta["segment_id"])})
+            return Emission(skey, seg, complete, [], None, done_value, sorted(stored), meta.get("partition", 0))
         if not complete and self.partial_policy == "dead-letter":
             done_value["outcome"] = "dead-letter"
             log.warning("sync timed out with pages missing; dead-lettered",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
             numbers = sorted(stored)
             pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(changes)))
-                     for p, changes in zip(numbers, self._read_pages(skey, numbers))}
+                     for p, changes in zip(numbers, self._read_pages(skey, numbers, meta["identity_field"]))}
             letter = DeadLetter("sync timed out with pages missing", skey, {
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
+                "list_name": self._list_name(meta),  # a re-drive goes to the list the sync was for (a pinned one too)
                 "sync_emitted_at": now,
             })
             return Emission(skey, seg, False, [], letter, done_value, sorted(stored), meta.get("partition", 0))
@@ -515,6 +534,11 @@ class Assembler:
         deltas = self._deltas(skey, meta, stored, complete, missing)
         return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored), meta.get("partition", 0))
 
+    def _list_name(self, meta: dict[str, Any]) -> str:
+        """The sync's Cordial list: pinned in the accounts file, else named after the segment as it is now."""
+        pinned = segment_settings(self.accounts, meta["account"], meta["segment_id"]).list_name
+        return naming.list_name_for(meta["segment_name"], pinned)
+
     def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool,
                 missing: list[int]) -> list[Delta]:
         if meta["kind"] == "drain":
@@ -524,14 +548,14 @@ class Assembler:
             if complete and run is not None and run.next_page > meta["total_pages"]:
                 net = rules.net_from_state(run.state)
             else:
-                net = rules.net_of_ordered(self._read_pages(skey, sorted(stored)))
+                net = rules.net_of_ordered(self._read_pages(skey, sorted(stored), meta["identity_field"]))
             chunks = rules.chunk_changes(net, self.chunk_size)
         common: dict[str, Any] = dict(
             delta_id=delta_id_for(meta["account"], meta["ref"]),
             account=meta["account"],
             segment_id=meta["segment_id"],
             segment_name=meta["segment_name"],
-            list_name=naming.list_name(meta["segment_name"]),
+            list_name=self._list_name(meta),
             identity_field=meta["identity_field"],
             kind=meta["kind"],
             sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,

@@ -7,7 +7,11 @@ How a sync becomes a delta:
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
 3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
    deterministic order, so the same sync always gives the same chunks.
-4. the Cordial list is named by ``heapsync.naming.list_name``: the segment name with whitespace removed.
+4. the Cordial list is named by ``heapsync.naming.list_name_for``: the name the accounts file
+   pins, else the segment name with whitespace removed.
+
+When the identity is ``email``, ids are normalised first (``normalise_ids``: trimmed,
+lower-cased), so steps 1-3 apply to the contact Cordial sees; other identities stay exact.
 
 Plus the small decisions around them: how a page is stored (``encode_page``),
 how a repeat is recognised (``digest``), which pages are missing, and the
@@ -24,6 +28,31 @@ import orjson
 
 ADD = "add"
 REMOVE = "remove"
+
+
+EMAIL_IDENTITY = "email"
+"""The identity field whose ids Cordial compares case-insensitively (``Account.identity_key`` maps it to email)."""
+
+
+def normalise_email(address: str) -> str:
+    """How Cordial compares addresses: surrounding spaces dropped, case ignored."""
+    return address.strip().lower()
+
+
+def normalise_ids(identity_field: str, ids: Iterable[str]) -> list[str]:
+    """Ids as the contact Cordial will see: emails trimmed and lower-cased, other identities exactly as sent."""
+    if identity_field != EMAIL_IDENTITY:
+        return list(ids)
+    return list(map(str.lower, map(str.strip, ids)))  # C-level loops: this runs for every id of every page
+
+
+def normalised_page(identity_field: str, page: PageChanges) -> PageChanges:
+    """A stored page with its ids normalised again (pages stored before normalisation existed may hold
+    case variants); the page rule then re-applies, so variants of one address in add and remove conflict."""
+    if identity_field != EMAIL_IDENTITY:
+        return page
+    again = page_changes(normalise_ids(identity_field, page.add), normalise_ids(identity_field, page.remove))
+    return PageChanges(again.add, again.remove, page.conflicts + again.conflicts)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import faust
@@ -37,7 +38,7 @@ from pydantic import ValidationError
 from heapsync import lag
 from heapsync.contracts import HeapDrain, HeapSync
 from heapsync.kafka import min_insync_replicas
-from heapsync.settings import Settings
+from heapsync.settings import Account, Settings
 from processors import metrics
 from processors.assembler import Assembler, DeadLetter, Emission, Step
 from processors.records import TICK, is_tick, parse_record
@@ -84,7 +85,8 @@ def declare_changelogs(app: faust.App, settings: Settings, timeout: float = 30.0
     return create_missing(AdminClient(client_config(settings.kafka_bootstrap)), topics, timeout)
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None) -> faust.App:
+    """The worker; ``accounts`` gives the per-segment settings (pinned list names, disabled segments)."""
     topics = settings.topics
     store = settings.processor_store
     app = faust.App(
@@ -143,6 +145,7 @@ def create_app(settings: Settings) -> faust.App:
         chunk_size=settings.delta_chunk_size,
         timeout_seconds=settings.sync_timeout_seconds,
         partial_policy=settings.partial_policy,
+        accounts=accounts,
     )
     app.assembler = assembler  # type: ignore[attr-defined]
     exporter = metrics.Exporter()
