@@ -26,24 +26,10 @@ from typing import Iterable, Mapping, Sequence
 
 import orjson
 
+from heapsync.identities import EMAIL_IDENTITY, normalise_email, normalise_ids  # noqa: F401 (rules' vocabulary)
+
 ADD = "add"
 REMOVE = "remove"
-
-
-EMAIL_IDENTITY = "email"
-"""The identity field whose ids Cordial compares case-insensitively (``Account.identity_key`` maps it to email)."""
-
-
-def normalise_email(address: str) -> str:
-    """How Cordial compares addresses: surrounding spaces dropped, case ignored."""
-    return address.strip().lower()
-
-
-def normalise_ids(identity_field: str, ids: Iterable[str]) -> list[str]:
-    """Ids as the contact Cordial will see: emails trimmed and lower-cased, other identities exactly as sent."""
-    if identity_field != EMAIL_IDENTITY:
-        return list(ids)
-    return list(map(str.lower, map(str.strip, ids)))  # C-level loops: this runs for every id of every page
 
 
 def normalised_page(identity_field: str, page: PageChanges) -> PageChanges:
