@@ -240,6 +240,10 @@ class Settings(BaseSettings):
         1_000_000, ge=1, description="Id occurrences an emission from stored pages holds in memory at once (about "
         "250 bytes each); a larger sync is computed in hash buckets spilled to files under processor_data_dir."
     )
+    processor_prefetch_pages: int = Field(
+        256, ge=1, description="Pages records the worker reads ahead of the one it assembles (Faust's stream buffer; "
+        "its default, 4,096 pages of ~30 KB, held over 100 MB while a large sync arrived)."
+    )
     processor_emit_inflight_chunks: int = Field(
         16, ge=1, description="Delta chunks sent but not yet acknowledged by the broker; the next chunk is made only "
         "when one is (back-pressure: a sync's output is never all in memory)."

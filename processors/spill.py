@@ -30,7 +30,8 @@ MIN_ENTRY_BYTES = 4
 MAX_SLOTS = 256
 """Most scratch files written at once (one per slot)."""
 RUN_BLOCK = 4096
-"""Ids per line of a run file: what one run holds in memory while the runs are merged."""
+"""Most ids per line of a run file: what one run holds in memory while the runs are merged (fewer
+when there are many runs, so that all runs' blocks together stay within ``max_ids``)."""
 _BUFFER = 64 * 1024
 
 
@@ -63,7 +64,9 @@ class SpilledNet:
         self._add_runs: list[Path] = []
         try:
             counts = self._scatter(pages, slots)
-            for n, group in enumerate(rules.group_slots(counts, max_ids)):
+            groups = rules.group_slots(counts, max_ids)
+            self._block = max(16, min(RUN_BLOCK, max_ids // max(1, len(groups))))
+            for n, group in enumerate(groups):
                 self._reduce(n, group)
         except BaseException:
             self.close()
@@ -113,8 +116,8 @@ class SpilledNet:
     def _write_run(self, name: str, run: list[tuple[int, str]]) -> Path:
         path = self.dir / name
         with open(path, "wb", buffering=_BUFFER) as out:
-            for start in range(0, len(run), RUN_BLOCK):
-                block = run[start:start + RUN_BLOCK]
+            for start in range(0, len(run), self._block):
+                block = run[start:start + self._block]
                 out.write(orjson.dumps([[p for p, _ in block], [i for _, i in block]]))
                 out.write(b"\n")
         return path

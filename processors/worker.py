@@ -112,6 +112,7 @@ def create_app(settings: Settings) -> faust.App:
         # Pages are tens of KB: the 1 MB default fetches only a few dozen per round trip.
         consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=100,
+        stream_buffer_maxsize=settings.processor_prefetch_pages,
         table_standby_replicas=settings.processor_standby_replicas,
         recovery_consistency_check=settings.processor_recovery_consistency_check,
         broker_session_timeout=settings.processor_session_timeout_seconds,
