@@ -33,6 +33,8 @@ RUN_BLOCK = 4096
 """Most ids per line of a run file: what one run holds in memory while the runs are merged (fewer
 when there are many runs, so that all runs' blocks together stay within ``max_ids``)."""
 _BUFFER = 64 * 1024
+_SLOT_BUFFER = 8 * 1024
+"""Write buffer of each slot file: up to ``MAX_SLOTS`` are open at once."""
 
 
 def slots_for(stored_bytes: int, max_ids: int) -> int:
@@ -85,7 +87,7 @@ class SpilledNet:
                 for slot, entry in rules.page_entries(number, changes, slots).items():
                     out = files.get(slot)
                     if out is None:
-                        out = files[slot] = open(self._slot_file(slot), "wb", buffering=_BUFFER)
+                        out = files[slot] = open(self._slot_file(slot), "wb", buffering=_SLOT_BUFFER)
                     out.write(dumps(entry))
                     out.write(b"\n")
                     counts[slot] += len(entry[0])
