@@ -28,7 +28,7 @@ class _Lenient(BaseModel):
 
 
 # --------------------------------------------------------------------------
-# Heap's webhook payload (DESIGN.md, "The request")
+# Heap's webhook payload (docs/design.md, "Heap's request")
 # --------------------------------------------------------------------------
 
 

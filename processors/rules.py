@@ -7,7 +7,7 @@ How a sync becomes a delta:
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
 3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
    deterministic order, so the same sync always gives the same chunks.
-4. ``list_name``: the Cordial list is the segment name with whitespace removed.
+4. the Cordial list is named by ``heapsync.naming.list_name``: the segment name with whitespace removed.
 
 Plus the small decisions around them: how a page is stored (``encode_page``),
 how a repeat is recognised (``digest``), which pages are missing, and the
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import re
 import zlib
 from dataclasses import dataclass, field
 from itertools import islice
@@ -27,15 +26,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import orjson
 
-_WHITESPACE = re.compile(r"\s+")
-
 ADD = "add"
 REMOVE = "remove"
-
-
-def list_name(segment_name: str) -> str:
-    """'Heap Test Segment' -> 'HeapTestSegment' (Cordial's documented naming)."""
-    return _WHITESPACE.sub("", segment_name)
 
 
 @dataclass(frozen=True)
