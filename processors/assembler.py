@@ -95,6 +95,8 @@ class NetSource(Protocol):
     removes: int
     adds: int
 
+    def prepare(self) -> Iterator[None]: ...
+
     def remove_ids(self) -> Iterator[str]: ...
 
     def add_ids(self) -> Iterator[str]: ...
@@ -110,6 +112,9 @@ class MemoryNet:
         self.state = state
         self.adds = sum(state.values())
         self.removes = len(state) - self.adds
+
+    def prepare(self) -> Iterator[None]:
+        return iter(())
 
     def remove_ids(self) -> Iterator[str]:
         return compress(self.state, map(not_, self.state.values()))
@@ -130,6 +135,7 @@ class Emission:
     segment_key: str
     complete: bool
     chunks: int
+    """Delta chunks: known once ``prepare`` has run (0 for a dead letter)."""
     dead_letter: DeadLetter | None
     done_value: dict[str, Any]
     stored_pages: list[int]
@@ -138,15 +144,25 @@ class Emission:
     chunk_size: int = 5000
     common: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def prepare(self) -> Iterator[None]:
+        """Compute what is left of the net change (a spilled sync's buckets), yielding between
+        steps so that the shell can let its event loop run; sets ``chunks``."""
+        if self.net is None:
+            return
+        yield from self.net.prepare()
+        self.chunks = rules.chunk_count(self.net.removes, self.net.adds, self.chunk_size)
+
     def iter_deltas(self) -> Iterator[Delta]:
         """The delta chunks in order, each made when the one before has been taken, so a sync's
         output is never all in memory. Read once: the emission's scratch files go at the end."""
         if self.net is None:
             return
         try:
+            for _ in self.prepare():
+                pass
             chunks = rules.iter_chunks(self.net.remove_ids(), self.net.add_ids(), self.chunk_size)
             for n, (add, remove) in enumerate(chunks, start=1):
-                yield Delta(**self.common, chunk=n, add=add, remove=remove)
+                yield Delta(**self.common, chunk=n, chunks=self.chunks, add=add, remove=remove)
         finally:
             self.close()
 
@@ -584,7 +600,6 @@ class Assembler:
             log.warning("sync timed out with pages missing; partial delta emitted",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
         net = self._net(skey, meta, stored, complete)
-        chunks = rules.chunk_count(net.removes, net.adds, self.chunk_size)
         common: dict[str, Any] = dict(
             delta_id=delta_id_for(meta["account"], meta["ref"]),
             account=meta["account"],
@@ -597,10 +612,9 @@ class Assembler:
             complete=complete,
             total_pages=meta["total_pages"],
             missing_pages=missing,
-            chunks=chunks,
             replay_id=meta["replay_id"],
         )
-        return Emission(skey, seg, complete, chunks, None, done_value, sorted(stored), meta.get("partition", 0),
+        return Emission(skey, seg, complete, 0, None, done_value, sorted(stored), meta.get("partition", 0),
                         net=net, chunk_size=self.chunk_size, common=common)
 
     def _net(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool) -> NetSource:

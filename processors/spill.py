@@ -51,9 +51,11 @@ def clear_scratch(scratch_dir: Path) -> None:
 class SpilledNet:
     """The net change of pages given in page order, as counts and streams of ids.
 
-    ``removes``/``adds`` are known once built (the chunk count needs them before the first
-    chunk); ``remove_ids()``/``add_ids()`` stream the ids, merged from the run files. ``close``
-    removes the files.
+    Made with pass 1 done (the pages read into slot files); ``prepare`` then computes the
+    buckets one at a time, yielding after each so that the worker's event loop can run in
+    between (heartbeats, acknowledgements). ``removes``/``adds`` are known once prepared (the
+    chunk count needs them before the first chunk); ``remove_ids()``/``add_ids()`` stream the
+    ids, merged from the run files. ``close`` removes the files.
     """
 
     def __init__(self, pages: Iterable[tuple[int, rules.PageChanges]], *, slots: int, max_ids: int,
@@ -66,10 +68,21 @@ class SpilledNet:
         self._add_runs: list[Path] = []
         try:
             counts = self._scatter(pages, slots)
-            groups = rules.group_slots(counts, max_ids)
-            self._block = max(16, min(RUN_BLOCK, max_ids // max(1, len(groups))))
-            for n, group in enumerate(groups):
-                self._reduce(n, group)
+        except BaseException:
+            self.close()
+            raise
+        self._groups = rules.group_slots(counts, max_ids)
+        self._block = max(16, min(RUN_BLOCK, max_ids // max(1, len(self._groups))))
+        self._reduced = 0
+
+    def prepare(self) -> Iterator[None]:
+        """Pass 2, a bucket at a time (a yield after each; resumes where it stopped); only scratch
+        files are read."""
+        try:
+            while self._reduced < len(self._groups):
+                self._reduce(self._reduced, self._groups[self._reduced])
+                self._reduced += 1
+                yield None
         except BaseException:
             self.close()
             raise
@@ -133,6 +146,8 @@ class SpilledNet:
 
     def remove_ids(self) -> Iterator[str]:
         """Pass 3: the net removes in ``net_of_ordered``'s order."""
+        for _ in self.prepare():
+            pass
         return rules.merge_runs(self._read_run(p) for p in self._remove_runs)
 
     def add_ids(self) -> Iterator[str]:

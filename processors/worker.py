@@ -197,8 +197,10 @@ def create_app(settings: Settings) -> faust.App:
                 em = assembler.next_emission(seg, time.time())
                 if em is None:
                     break
-                built = time.perf_counter()
                 try:
+                    for _ in em.prepare():  # a spilled sync's buckets: let heartbeats and acks through
+                        await asyncio.sleep(0)
+                    built = time.perf_counter()
                     await publish(em)
                 finally:
                     em.close()  # its scratch files, if publishing stopped half-way
