@@ -6,7 +6,12 @@ How a sync becomes a delta:
    is left out of that page.
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
 3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
-   deterministic order, so the same sync always gives the same chunks.
+   deterministic order, so the same sync always gives the same chunks
+   (``iter_chunks``: the same chunks over streams, one at a time).
+
+A sync too large for one dict gets the same net, order and chunks bucket by bucket
+(``streamed_net``: ``page_entries`` -> ``bucket_net`` -> ``merge_runs``; the assembler
+runs it over scratch files, ``processors/spill.py``).
 4. the Cordial list is named by ``heapsync.naming.list_name``: the segment name with whitespace removed.
 
 Plus the small decisions around them: how a page is stored (``encode_page``),
