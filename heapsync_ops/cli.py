@@ -354,6 +354,98 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
         sys.exit(2)
 
 
+@cli.group()
+def held() -> None:
+    """Deltas the removal rail holds (max_removal_fraction, hold_drains): list, show, release, discard."""
+
+
+_held_sink = click.option("--sink", default="cordial", show_default=True, help="The sink whose holds these are.")
+
+
+def _held_error(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@held.command("list")
+@_held_sink
+@click.option("--account", default=None, help="Only this account.")
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_list(sink: str, account: str | None, as_json: bool) -> None:
+    """Every held delta, oldest first per list, with how many deltas wait behind it."""
+    from heapsync_ops.held import load_state
+
+    logs.setup("WARNING")
+    rows = [r for r in load_state(_checked()[0], sink).holds() if account is None or r["account"] == account]
+    if as_json:
+        _echo_json(rows)
+        return
+    from heapsync.ops_render import render_rows
+
+    render_rows("held deltas", rows, ["delta_id", "account", "list_name", "kind", "reason", "waiting", "held_at",
+                                      "decision"])
+
+
+@held.command("show")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_show(delta_id: str, sink: str, as_json: bool) -> None:
+    """One held delta: why, its size, and the deltas waiting behind it (no contact ids)."""
+    from heapsync_ops.held import HoldError, find, load_state
+
+    logs.setup("WARNING")
+    try:
+        row = find(load_state(_checked()[0], sink), delta_id)
+    except HoldError as exc:
+        raise _held_error(exc) from None
+    if as_json:
+        _echo_json(row)
+        return
+    from heapsync.ops_render import render_rows
+
+    for name in ("delta_id", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
+                 "removes", "adds", "chunks_held", "chunks", "held_at", "decision"):
+        click.echo(f"{name:>14}: {row[name]}")
+    render_rows("waiting behind it, in order", row["waiting_detail"],
+                ["delta_id", "kind", "sync_task_id", "chunks", "adds", "removes"])
+
+
+def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
+    from heapsync_ops.held import HoldError, decide
+
+    logs.setup("WARNING")
+    try:
+        result = decide(_checked()[0], delta_id, action, sink)
+    except HoldError as exc:
+        raise _held_error(exc) from None
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(f"{action}d: {result['outcome']}")
+
+
+@held.command("release")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_release(delta_id: str, sink: str, as_json: bool) -> None:
+    """Apply a held delta after all, then the deltas waiting behind it, in order."""
+    _decide(delta_id, sink, as_json, "release")
+
+
+@held.command("discard")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_discard(delta_id: str, sink: str, as_json: bool) -> None:
+    """Drop a held delta (never applied); the deltas waiting behind it are then applied in order."""
+    _decide(delta_id, sink, as_json, "discard")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_broker_errors
@@ -369,6 +461,35 @@ def status(as_json: bool) -> None:
     from heapsync_ops.render import render_status
 
     render_status(doc)
+
+
+@cli.command()
+@click.argument("contact_id")
+@click.option("--account", default=None, help="Only lists of this account.")
+@click.option("--list", "list_name", default=None, metavar="LIST", help="Only this list (Cordial list name or segment id).")
+@click.option("--sink", default="cordial", show_default=True, help="Whose progress decides 'applied'.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_broker_errors
+def trace(contact_id: str, account: str | None, list_name: str | None, sink: str, as_json: bool) -> None:
+    """Why is this contact (not) in the list: every change of it on the deltas topic, per list, in order,
+    and what became of each (applied, repeat, held, dead-lettered, re-driven). CONTACT_ID `-` reads it
+    from stdin (so it stays out of the process list). Prints only this contact's entries."""
+    from heapsync_ops.trace import Filter, gather
+
+    if contact_id == "-":
+        contact_id = sys.stdin.readline().strip()
+    if not contact_id.strip():
+        raise click.BadParameter("give the contact id (an email, or the account's identity key value)",
+                                 param_hint="CONTACT_ID")
+    settings, _ = _checked()
+    logs.setup("WARNING")
+    result = gather(settings, contact_id, sink=sink, flt=Filter(account, list_name))
+    if as_json:
+        _echo_json(result.as_json())
+        return
+    from heapsync_ops.render import render_trace
+
+    render_trace(result.as_json())
 
 
 @cli.command()

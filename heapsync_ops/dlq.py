@@ -551,13 +551,22 @@ def redrive(settings: Any, entries: list[Entry], marks: dict[str, dict[str, Any]
         report.produced[out.target] += 1
     if dry_run or not todo:
         return report
+    from heapsync.kafka import java_partition
     from heapsync.producer import ResilientProducer
 
     producer = ResilientProducer.connect(settings.kafka_bootstrap, delivery_timeout_s=30.0)
     targets = {"pages": settings.topics.pages, "deltas": settings.topics.deltas}
 
+    # deltas go where the worker puts the list's others (murmur2, not librdkafka's CRC32): in order with them
+    deltas_partitions = producer.partition_count(settings.topics.deltas) if any(
+        o.target == "deltas" for o in plan.outputs) else 0
+
+    def partition_of(out: Output) -> int | None:
+        return java_partition(out.key, deltas_partitions) if out.target == "deltas" else None
+
     async def produce() -> None:
-        await asyncio.gather(*(producer.send(targets[o.target], o.value, key=o.key) for o in plan.outputs))
+        await asyncio.gather(*(producer.send(targets[o.target], o.value, key=o.key, partition=partition_of(o))
+                               for o in plan.outputs))
         # only after the re-drives are acknowledged: mark them (see module docstring)
         await asyncio.gather(*(
             producer.send(settings.topics.dlq_redrive, mark_value(by_id[i], outcome, detail, replay_id),

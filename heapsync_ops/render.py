@@ -94,7 +94,28 @@ def render_status(doc: dict[str, Any]) -> None:
     render_rows("dead letters (not re-driven)", dl, ["topic", "reason", "count"])
     render_rows("last applied per list", doc["last_applied"],
                 ["sink", "account", "list_name", "sync_task_id", "chunk", "adds", "removes", "applied_at"])
+    render_rows("held by the removal rail (heapsync held list|show|release|discard)", doc.get("held", []),
+                ["delta_id", "account", "list_name", "reason", "waiting", "held_at", "decision"])
 
 
 def render_topics(rows: list[dict[str, Any]]) -> None:
     render_rows("topics", rows, ["topic", "partitions", "replication", "retention", "cleanup_policy", "state"])
+
+
+TRACE_COLUMNS = ["emitted_at", "sync_task_id", "replay_id", "chunk", "change", "contact", "outcome", "at", "detail"]
+
+
+def render_trace(doc: dict[str, Any]) -> None:
+    """One table per list, in the order the sink applies its changes, then what that leaves."""
+    if not doc["lists"]:
+        _say(f"{doc['contact']}: no change on the deltas topic (within its retention) for sink {doc['sink']}")
+        return
+    for lst in doc["lists"]:
+        rows = [{**r, "sync_task_id": r["sync_task_id"] or "-"} for r in lst["steps"]]
+        render_rows(f"{lst['account']} / {lst['list_name']}: {doc['contact']} (sink {doc['sink']})", rows,
+                    TRACE_COLUMNS)
+        if len(lst.get("partitions") or []) > 1:
+            _say(f"WARNING: this list's changes are on partitions {lst['partitions']}: a sink applies each partition "
+                 "in order, but not the partitions against each other (shown by the time each reached the topic)")
+        member = {True: "a member", False: "not a member", None: "unknown (nothing applied yet)"}[lst["member"]]
+        _say(f"after the last applied change: {member}")

@@ -172,6 +172,9 @@ def gather(settings: Any) -> dict[str, Any]:
     entries = dlq.load(settings)
     marks = dlq.load_marks(settings)
     applied = last_applied(read_topic(settings.kafka_bootstrap, settings.topics.sink_progress, idle_timeout=10.0))
+    from heapsync_ops.held import load_state
+
+    holds = load_state(settings).holds()
     return {
         "at": now,
         "lag": [row.__dict__ for row in lag],
@@ -180,4 +183,5 @@ def gather(settings: Any) -> dict[str, Any]:
         "open_syncs": open_syncs(changelog, now),
         "dead_letters": dlq.counts_by_reason(entries, marks),
         "last_applied": applied,
+        "held": holds,
     }

@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 
 from heapsync import naming
+from heapsync.held import ListsState
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, TopicFollower
 from heapsync_ops.metrics import OpsView, attach
@@ -73,6 +74,16 @@ class StatusBoard:
         self.failures: deque[dict[str, Any]] = deque(maxlen=failures)
         self.failure_counts: dict[str, int] = {}
         self.records = 0
+        self.held: dict[str, ListsState] = {}  # per sink: deltas held by the removal rail (heapsync/held.py)
+
+    def on_lists(self, key: bytes | None, value: bytes | None) -> None:
+        """One record of the sinks' lists topic (counts, held chunks, decisions; a tombstone deletes)."""
+        if key is None:
+            return
+        text = key.decode("utf-8", "replace")
+        sink = text.split("|", 1)[0]
+        state = self.held.setdefault(sink, ListsState(sink))
+        state.feed(text, value)
 
     def _sync(self, account: str, list_name: str, delta_id: str, replay_id: str | None,
               sync_task_id: str | None) -> SyncView:
@@ -137,6 +148,7 @@ class StatusBoard:
             "failures": list(reversed(self.failures)),
             "failure_counts": dict(sorted(self.failure_counts.items())),
             "records_read": self.records,
+            "held": [{"sink": sink, **row} for sink, state in sorted(self.held.items()) for row in state.holds()],
         }
 
 
@@ -158,6 +170,21 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
     if reader_failures:
         parts.append(f"<p class='bad'>Cannot read the topics ({reader_failures} broker errors in a row); retrying. "
                      "What is shown may be out of date.</p>")
+    held = snap.get("held", [])
+    parts.append("<h2>Held by the removal rail</h2>")
+    if not held:
+        parts.append("<p class='ok'>Nothing held.</p>")
+    else:
+        parts.append("<p class='bad'>These deltas are not applied, and later syncs of their lists wait behind them: "
+                     "decide with <code>heapsync held release|discard &lt;delta id&gt;</code>.</p>")
+        parts.append("<table><tr><th>account</th><th>list</th><th>delta</th><th>kind</th><th>reason</th>"
+                     "<th>waiting behind</th><th>held at</th><th>decision</th></tr>")
+        for h in held:
+            parts.append(
+                f"<tr class='bad'><td>{e(h['account'])}</td><td>{e(h['list_name'])}</td><td>{e(h['delta_id'])}</td>"
+                f"<td>{e(h['kind'])}</td><td>{e(h['reason'])}</td><td>{h['waiting']}</td><td>{e(h['held_at'])}</td>"
+                f"<td>{e(str(h['decision'] or '-'))}</td></tr>")
+        parts.append("</table>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
         parts.append("<p>No applied syncs yet.</p>")
@@ -229,6 +256,7 @@ class Tailer:
         t = settings.topics
         self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
                         t.sink_dlq: "sink"}
+        self.sources[t.sink_lists] = "lists"  # the removal rail's held deltas
         if ops is not None:
             self.sources[t.dlq_redrive] = "marks"  # dead letters re-driven: not pending any more
         self.follower_factory = follower_factory
@@ -263,7 +291,9 @@ class Tailer:
                     log.info("status page reader: reading again", extra={"failures": self.failures})
                     self.failures = 0
                 for record in records:
-                    if self.ops is not None and self.sources.get(record.topic) == "marks":
+                    if self.sources.get(record.topic) == "lists":
+                        self.board.on_lists(record.key, record.value)
+                    elif self.ops is not None and self.sources.get(record.topic) == "marks":
                         self._feed_mark(record)
                     elif record.value is not None:
                         self._feed(record.topic, record.value, record.timestamp_ms, record.partition, record.offset)
