@@ -329,6 +329,22 @@ class Settings(BaseSettings):
     processor_session_timeout_seconds: float = Field(
         60.0, gt=0, description="How long the group waits for a silent worker before moving its partitions."
     )
+    processor_cache_max_ids: int = Field(
+        2_000_000, ge=0, description="Ids of open syncs' running net state kept in memory (about 100 bytes each), so a "
+        "sync's delta is ready when its last page is; a sync past it is assembled from its stored pages."
+    )
+    processor_emit_max_ids: int = Field(
+        1_000_000, ge=1, description="Id occurrences an emission from stored pages holds in memory at once (about "
+        "250 bytes each); a larger sync is computed in hash buckets spilled to files under processor_data_dir."
+    )
+    processor_prefetch_pages: int = Field(
+        256, ge=1, description="Pages records the worker reads ahead of the one it assembles (Faust's stream buffer; "
+        "its default, 4,096 pages of ~30 KB, held over 100 MB while a large sync arrived)."
+    )
+    processor_emit_inflight_chunks: int = Field(
+        16, ge=1, description="Delta chunks sent but not yet acknowledged by the broker; the next chunk is made only "
+        "when one is (back-pressure: a sync's output is never all in memory)."
+    )
     processor_compression: Literal["none", "snappy", "lz4", "zstd", "gzip"] = Field(
         "snappy", description="Compression of the worker's changelog and delta records. Not lz4: Faust's "
         "aiokafka producer compresses lz4 at level 9 (high compression), a fifth of the worker's CPU in the benchmark."
