@@ -69,7 +69,7 @@ class _DeadThenAlive:
         self.gate: asyncio.Event | None = None  # when set up, a failing send waits for it
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: object = None, *,
-                   timeout: float | None = None) -> str:
+                   timeout: float | None = None, partition: int | None = None) -> str:
         if self.fatal:
             if self.gate is not None and value == b"late":
                 await self.gate.wait()
