@@ -35,11 +35,11 @@ from faust.types import TableT
 from pydantic import ValidationError
 
 from heapsync import lag
-from heapsync.contracts import HeapDrain, HeapSync
+from heapsync.contracts import UNKNOWN_ACTION, AssemblerDeadLetter, HeapDrain, HeapSync, delta_key
 from heapsync.kafka import min_insync_replicas
 from heapsync.settings import Settings
 from processors import metrics
-from processors.assembler import Assembler, DeadLetter, Emission, Step
+from processors.assembler import Assembler, Emission, Step
 from processors.records import TICK, is_tick, parse_record
 
 log = logging.getLogger("heapsync.processor")
@@ -147,7 +147,7 @@ def create_app(settings: Settings) -> faust.App:
     app.assembler = assembler  # type: ignore[attr-defined]
     exporter = metrics.Exporter()
 
-    async def send_dead_letters(letters: list[DeadLetter]) -> None:
+    async def send_dead_letters(letters: list[AssemblerDeadLetter]) -> None:
         # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
         futures = [await dlq_topic.send(key=key, value=value)
                    for d in letters for key, value in d.records(settings.dead_letter_part_bytes)]
@@ -159,7 +159,7 @@ def create_app(settings: Settings) -> faust.App:
         futures = []
         for delta in em.deltas:
             futures.append(await deltas_topic.send(
-                key=f"{delta.account}:{delta.list_name}".encode(),
+                key=delta_key(delta),
                 value=delta.model_dump_json().encode(),
             ))
         if futures:
@@ -200,9 +200,9 @@ def create_app(settings: Settings) -> faust.App:
         except ValidationError as exc:
             metrics.UNREADABLE.inc()
             log.error("unreadable record on the pages topic; dead-lettered", extra={"partition": partition})
-            return Step(dead_letters=[DeadLetter("unreadable pages record", f"partition-{partition}", {
-                "errors": exc.errors(include_input=False, include_url=False, include_context=False),
-                "value": raw.decode("utf-8", "replace")})])
+            return Step(dead_letters=[AssemblerDeadLetter.unreadable(
+                partition, raw.decode("utf-8", "replace"),
+                exc.errors(include_input=False, include_url=False, include_context=False))])
         payload = record.payload
         if isinstance(payload, HeapSync):
             if log.isEnabledFor(logging.DEBUG):
@@ -212,7 +212,7 @@ def create_app(settings: Settings) -> faust.App:
             step = assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
                                           replay_id=record.replay_id, add=record.add, remove=record.remove)
             for letter in step.dead_letters:  # a late page: keep the whole record, so `heapsync dlq` can re-drive it
-                letter.detail["record"] = orjson.loads(raw)
+                letter.record = orjson.loads(raw)
             return step
         if isinstance(payload, HeapDrain):
             return assembler.on_drain(record.account, payload, request_id=record.request_id,
@@ -221,8 +221,8 @@ def create_app(settings: Settings) -> faust.App:
         # The ingress sends unknown action types to the rejected topic; never drop one silently here.
         log.error("pages record with an unknown action type; dead-lettered",
                   extra={"partition": partition, "action_type": payload.action_type})
-        return Step(dead_letters=[DeadLetter("unknown action type", f"partition-{partition}",
-                                             {"value": raw.decode("utf-8", "replace")})])
+        return Step(dead_letters=[AssemblerDeadLetter.unreadable(partition, raw.decode("utf-8", "replace"),
+                                                                 reason=UNKNOWN_ACTION)])
 
     @app.agent(pages_topic)
     async def assemble(stream: Any) -> Any:
