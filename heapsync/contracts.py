@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -321,6 +322,25 @@ class RejectedRecord(BaseModel):
                 return "body_base64 is not valid base64: the exact body is lost"
         return self.body.encode()
 
+    # what every dead-letter kind answers (read_dead_letter)
+    @property
+    def counted_once(self) -> bool:
+        return True  # never written in parts
+
+    @property
+    def list_of(self) -> str | None:
+        return None
+
+    @property
+    def account_name(self) -> str | None:
+        return self.account
+
+    def split_note(self) -> str:
+        return ""
+
+    def summary(self) -> str:
+        return f"request {self.request_id}"
+
 
 # --------------------------------------------------------------------------
 # The delta: the public contract of the deltas topic
@@ -436,14 +456,17 @@ def delta_json_schema() -> dict[str, Any]:
 class SplitInfo(_Tolerant):
     """Set on a part of a dead letter too large for one record (``heapsync/dlq_parts.py``)."""
 
-    group: str
+    group: str = ""
     part: int
     parts: int
     bytes: int | None = None
     found: list[int] | None = Field(None, description="Set by the reader on a group it could not join.")
 
 
-class _DeadLetterRecord(_Tolerant):
+class DeadLetterHead(_Tolerant):
+    """What every dead letter has (its ``reason``, and ``split`` for a part); also what a dead letter
+    whose other fields do not read is listed as."""
+
     reason: str = "unknown"
     split: SplitInfo | None = None
     data: str | None = Field(None, description="A part's slice of the whole record, base64.")
@@ -458,6 +481,23 @@ class _DeadLetterRecord(_Tolerant):
     def counted_once(self) -> bool:
         """False for the second and later parts of a split dead letter: it counts once, by its first part."""
         return self.split is None or self.split.part == 1
+
+    @property
+    def account_name(self) -> str | None:
+        return None
+
+    @property
+    def list_of(self) -> str | None:
+        return None
+
+    def summary(self) -> str:
+        return ""
+
+    def split_note(self) -> str:
+        """For a split dead letter that could not be joined: how many of its parts were found."""
+        if self.incomplete is None or self.split is None:
+            return ""
+        return f" (in {self.split.parts} parts, {len(self.split.found or [])} found)"
 
 
 # --------------------------------------------------------------------------
@@ -495,7 +535,7 @@ class HeldPage(_Tolerant):
     conflicts: int = 0
 
 
-class AssemblerDeadLetter(_DeadLetterRecord):
+class AssemblerDeadLetter(DeadLetterHead):
     """What the assembler gave up on. The reason says which fields are set:
 
     - ``TIMED_OUT`` (policy ``dead-letter``): the sync and the pages that did arrive (``pages``);
@@ -540,16 +580,20 @@ class AssemblerDeadLetter(_DeadLetterRecord):
                    removes=removes, sync_emitted_at=sync_emitted_at)
 
     @classmethod
-    def unreadable(cls, partition: int, value: str, errors: list[dict[str, Any]] | None = None,
+    def unreadable(cls, partition: int, value: str, errors: Sequence[Mapping[str, Any]] | None = None,
                    reason: str = UNREADABLE_PAGE) -> AssemblerDeadLetter:
         letter = cls(reason=reason, sync=f"partition-{partition}", value=value)
         if errors is not None:
-            letter.errors = errors  # set only when given: an unknown action type's letter has none
+            letter.errors = [dict(e) for e in errors]  # set only when given: an unknown action type's has none
         return letter
 
     @property
     def account_name(self) -> str | None:
         return self.account or account_of_sync_key(self.sync)
+
+    @property
+    def list_of(self) -> str | None:
+        return None  # named by its segment: the reader derives the list name from ``segment_name``
 
     @property
     def page_record(self) -> dict[str, Any] | None:
@@ -582,7 +626,7 @@ class AssemblerDeadLetter(_DeadLetterRecord):
 # --------------------------------------------------------------------------
 
 
-class SinkDeadLetter(_DeadLetterRecord):
+class SinkDeadLetter(DeadLetterHead):
     """What a sink could not apply: one failed operation (with the chunk it came from), a rejected
     import row, a whole delta (unknown account) or an unreadable deltas record (``value``)."""
 
@@ -637,14 +681,19 @@ def _str_of(doc: dict[str, Any] | None, key: str) -> str | None:
 
 
 DeadLetterSource = Literal["rejected", "assembler", "sink"]
+AnyDeadLetter = RejectedRecord | AssemblerDeadLetter | SinkDeadLetter | DeadLetterHead
+_DEAD_LETTER_MODELS: dict[str, type[RejectedRecord] | type[AssemblerDeadLetter] | type[SinkDeadLetter]] = {
+    "rejected": RejectedRecord, "assembler": AssemblerDeadLetter, "sink": SinkDeadLetter}
 
 
-def read_dead_letter(source: DeadLetterSource, doc: dict[str, Any]) -> RejectedRecord | AssemblerDeadLetter | SinkDeadLetter | None:
-    """A dead-letter record as its topic's model; None when a field has the wrong type (the caller
-    lists it from what it can read)."""
-    model: type[RejectedRecord] | type[AssemblerDeadLetter] | type[SinkDeadLetter] = (
-        RejectedRecord if source == "rejected" else AssemblerDeadLetter if source == "assembler" else SinkDeadLetter)
-    return read_tolerant(model, doc)
+def read_dead_letter(source: DeadLetterSource, doc: dict[str, Any]) -> AnyDeadLetter:
+    """A dead-letter record as its topic's model. One whose fields do not read (a wrong type) is
+    still listed, by its reason: a :class:`DeadLetterHead`."""
+    letter = read_tolerant(_DEAD_LETTER_MODELS[source], doc) or read_tolerant(DeadLetterHead, doc)
+    if letter is not None:
+        return letter
+    reason = doc.get("reason")
+    return DeadLetterHead(reason=reason if isinstance(reason, str) and reason else "unreadable dead-letter record")
 
 
 # --------------------------------------------------------------------------
@@ -665,6 +714,12 @@ class RedriveMark(_Tolerant):
     detail: str = ""
     replay_id: str | None = None
     at: datetime | None = None
+
+
+def read_mark(value: bytes | None) -> RedriveMark | None:
+    """A re-drive mark; None for a tombstone (the mark was deleted) or a record that does not read."""
+    doc = decode_json(value)
+    return None if doc is None else read_tolerant(RedriveMark, doc)
 
 
 # --------------------------------------------------------------------------

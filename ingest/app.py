@@ -35,7 +35,17 @@ from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord, signed_digest
+from heapsync.contracts import (
+    DRAIN_ACTION,
+    SYNC_ACTION,
+    HeapDrain,
+    HeapSync,
+    RejectedRecord,
+    page_record_bytes,
+    rejected_key,
+    signed_digest,
+)
+from heapsync.contracts import pages_key as record_key  # the pages topic's key, built in the contract
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
@@ -68,11 +78,6 @@ def json_response(status: int, doc: dict[str, Any], headers: dict[str, str] | No
 
 def json_error(status: int, error: str, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     return json_response(status, {"error": error, **extra}, headers)
-
-
-def record_key(account: str, segment_id: str) -> bytes:
-    """All pages and syncs of one segment go to one partition, in order."""
-    return f"{account}:{segment_id}".encode()
 
 
 _ID_PREFIX = uuid.uuid4().hex[:16]
@@ -122,20 +127,6 @@ def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
         {"path": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
-
-
-def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes,
-                      signed_digest: str | None = None) -> bytes:
-    """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
-
-    Equal to ``PageRecord(...).model_dump_json()`` when read back, without
-    re-serialising a body of thousands of ids (``tests/test_ingest_app.py`` checks it).
-    ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
-    """
-    head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
-                         "received_at": received_at, "replay_id": None,
-                         **({"signed_digest": signed_digest} if signed_digest else {})})
-    return head[:-1] + b',"payload":' + body + b"}"
 
 
 def rejected_record_bytes(account: str, request_id: str, received_at: datetime, reason: str,
@@ -551,7 +542,7 @@ class Ingress:
         outcome.reason = reason
         value = rejected_record_bytes(account_id, request_id, received_at, reason, errors,
                                       safe_headers(request.headers), body)
-        await self._produce("rejected", self.topics.rejected, value, account_id.encode())
+        await self._produce("rejected", self.topics.rejected, value, rejected_key(account_id))
         metrics.REJECTED.labels(kind).inc()
 
     async def _produce(self, kind: str, topic: str, value: bytes, key: bytes) -> None:

@@ -33,8 +33,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
-import orjson
-
 from heapsync.contracts import AssemblerDeadLetter, Delta, HeapDrain, HeapSync, HeldPage, SyncMeta, delta_id_for
 from processors import rules
 
