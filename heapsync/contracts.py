@@ -1,9 +1,16 @@
 """The data contracts, defined once: Heap's webhook payload, the records on
 our topics, and the versioned delta that other consumers read.
 
-Everything that crosses a process boundary is one of these models. The delta
-model is published as JSON Schema (``heapsync/schemas/delta.v1.json``); a test
-fails if the file and the model disagree.
+Every record on every topic is one of these models, with the builder of its key
+next to it: pages and ticks, rejected requests, deltas, sink progress, the
+assembler's and the sink's dead letters, re-drive marks, and the assembler's sync
+metadata. Writers and readers go through them; where a model would cost on a hot
+path (the ingress's page record, the worker's page decode, the per-page update of
+sync metadata) the hand-tuned code says so and a test holds it to the model.
+Records written by earlier versions still read (``tests/test_contracts_wire.py``).
+
+Only the delta is published as JSON Schema (``heapsync/schemas/delta.v1.json``); a
+test fails if the file and the model disagree.
 """
 
 from __future__ import annotations

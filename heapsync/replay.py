@@ -26,10 +26,10 @@ from typing import Any, Literal
 
 import orjson
 
+from heapsync.contracts import TICK
 from heapsync.topic_reader import Record, read_topic
 
 Kind = Literal["pages", "deltas"]
-TICK = b'{"control":"tick"}'
 
 
 @dataclass(frozen=True)
