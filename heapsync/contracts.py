@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from heapsync import dlq_parts
+from heapsync import dlq_parts, naming
 
 SYNC_ACTION = "segment.users.sync"
 DRAIN_ACTION = "segment.users.drain"
@@ -50,7 +50,7 @@ class _Lenient(BaseModel):
 
 
 # --------------------------------------------------------------------------
-# Heap's webhook payload (DESIGN.md, "The request")
+# Heap's webhook payload (docs/design.md, "Heap's request")
 # --------------------------------------------------------------------------
 
 
@@ -600,7 +600,8 @@ class AssemblerDeadLetter(DeadLetterHead):
 
     @property
     def list_of(self) -> str | None:
-        return None  # named by its segment: the reader derives the list name from ``segment_name``
+        """The list of the letter's segment (the segment name without whitespace)."""
+        return naming.list_name(self.segment_name) if self.segment_name is not None else None
 
     @property
     def page_record(self) -> dict[str, Any] | None:

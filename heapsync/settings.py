@@ -1,7 +1,7 @@
 """Settings in one place: environment variables (``HEAPSYNC_*``) and the accounts file.
 
 Every setting has a default that runs on one machine; production overrides
-them through the environment (see README, "Settings").
+them through the environment (see docs/settings.md).
 """
 
 from __future__ import annotations
@@ -291,7 +291,7 @@ class Settings(BaseSettings):
     archive_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Rotate a file at this size.")
     archive_max_seconds: float = Field(3600.0, gt=0, description="Rotate a file at this age.")
 
-    # status page (ingest/status_page.py)
+    # status page (heapsync_ops/status_page.py)
     status_page_enabled: bool = True
     status_page_recent: int = Field(20, ge=1, description="Recent syncs kept per list on the status page.")
 

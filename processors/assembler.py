@@ -33,6 +33,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
+from heapsync import naming
 from heapsync.contracts import AssemblerDeadLetter, Delta, HeapDrain, HeapSync, HeldPage, SyncMeta, delta_id_for
 from processors import rules
 
@@ -498,7 +499,7 @@ class Assembler:
             account=meta["account"],
             segment_id=meta["segment_id"],
             segment_name=meta["segment_name"],
-            list_name=rules.list_name(meta["segment_name"]),
+            list_name=naming.list_name(meta["segment_name"]),
             identity_field=meta["identity_field"],
             kind=meta["kind"],
             sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,
