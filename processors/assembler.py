@@ -59,11 +59,6 @@ class Counters:
     done_pruned: int = 0
 
 
-DeadLetter = AssemblerDeadLetter
-"""What the assembler gives up on: the contract's model (``heapsync/contracts.py``), written with
-its ``records()``."""
-
-
 @dataclass
 class Step:
     """What one input asks for next: segments whose queue may now move, and records given up on."""
