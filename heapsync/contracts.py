@@ -444,6 +444,64 @@ class AppliedChunk(BaseModel):
     removes: int
     dead_lettered: int = 0
     applied_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    discarded: bool = Field(False, description="True when an operator discarded the chunk held by the removal rail "
+                            "(`heapsync held discard`): recorded so a redelivery is not applied, but nothing was sent.")
+
+
+# --------------------------------------------------------------------------
+# The removal rail: per-list state of a sink (topic ``<prefix>.sink.lists``, compacted)
+# --------------------------------------------------------------------------
+
+
+class ListCount(BaseModel):
+    """Members of one list as counted from what the sink applied (key ``<sink>|count|<account>|<list>``).
+
+    An estimate: adds of contacts already in the list and removes of absent ones are counted too.
+    """
+
+    schema_version: Literal[1] = 1
+    sink: str
+    account: str
+    list_name: str
+    members: int = Field(ge=0)
+    writer: str = Field("", description="The sink process that wrote it (it ignores its own records when tailing).")
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class HeldChunk(BaseModel):
+    """A delta chunk the sink did not apply (key ``<sink>|held|<chunk_key>``; a tombstone once decided).
+
+    ``role`` "held": the first chunk of a delta the removal rail stopped (``reason`` says why);
+    "waiting": a later chunk of that list, kept behind the hold so the list's changes stay in order.
+    """
+
+    schema_version: Literal[1] = 1
+    sink: str
+    role: Literal["held", "waiting"]
+    seq: int = Field(description="Order of the list's held and waiting chunks (nanoseconds when first held).")
+    reason: str = ""
+    members: int | None = Field(None, description="The list's counted members when the rail held it.")
+    removes: int = Field(0, description="Removes the rail counted for the whole delta (a drain: the members).")
+    max_removal_fraction: float | None = None
+    hold_drains: bool = False
+    partition: int = Field(description="Partition of the deltas topic the chunk came from (its owner resolves it).")
+    offset: int
+    writer: str = ""
+    held_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    delta: Delta
+
+
+class HoldDecision(BaseModel):
+    """An operator's decision on a held delta (key ``<sink>|decision|<delta_id>``), written by
+    ``heapsync held release|discard``; the sink carries it out, then deletes it."""
+
+    schema_version: Literal[1] = 1
+    sink: str
+    delta_id: str
+    account: str
+    list_name: str
+    action: Literal["release", "discard"]
+    decided_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def delta_id_for(account: str, sync_key: str) -> str:
@@ -556,6 +614,8 @@ class AssemblerDeadLetter(DeadLetterHead):
     account: str | None = None
     segment_id: str | None = None
     segment_name: str | None = None
+    list_name: str | None = Field(None, description="The list the sync was for (a pinned name too); a timed-out "
+                                  "sync's letters from before it name none: the segment name gives it.")
     identity_field: str | None = None
     replay_id: str | None = None
     sync_task_id: str | None = None
@@ -574,10 +634,11 @@ class AssemblerDeadLetter(DeadLetterHead):
     @classmethod
     def timed_out(cls, sync: str, *, account: str, segment_id: str, segment_name: str, identity_field: str,
                   replay_id: str | None, sync_task_id: str, total_pages: int, missing_pages: list[int],
-                  pages: dict[str, HeldPage], sync_emitted_at: float) -> AssemblerDeadLetter:
+                  pages: dict[str, HeldPage], list_name: str, sync_emitted_at: float) -> AssemblerDeadLetter:
         return cls(reason=TIMED_OUT, sync=sync, account=account, segment_id=segment_id, segment_name=segment_name,
                    identity_field=identity_field, replay_id=replay_id, sync_task_id=sync_task_id,
-                   total_pages=total_pages, missing_pages=missing_pages, pages=pages, sync_emitted_at=sync_emitted_at)
+                   total_pages=total_pages, missing_pages=missing_pages, pages=pages, list_name=list_name,
+                   sync_emitted_at=sync_emitted_at)
 
     @classmethod
     def late_page(cls, sync: str, *, page_number: int, total_pages: int, sync_task_id: str, segment_id: str,
@@ -600,7 +661,9 @@ class AssemblerDeadLetter(DeadLetterHead):
 
     @property
     def list_of(self) -> str | None:
-        """The list of the letter's segment (the segment name without whitespace)."""
+        """The list the letter is for: the one it names, else its segment's (the name without whitespace)."""
+        if self.list_name is not None:
+            return self.list_name
         return naming.list_name(self.segment_name) if self.segment_name is not None else None
 
     @property

@@ -121,6 +121,8 @@ def cli() -> None:
 @click.option("--host", default=None, help="Address to bind (default HEAPSYNC_INGEST_HOST or 127.0.0.1).")
 def ingest(port: int | None, host: str | None) -> None:
     """Serve Heap's webhook and write accepted pages to Kafka."""
+    import functools
+
     from heapsync_ops.status_page import add_status_routes
     from ingest import server
 
@@ -130,7 +132,8 @@ def ingest(port: int | None, host: str | None) -> None:
     if host is not None:
         settings.ingest_host = host
     logs.setup(settings.log_level)
-    server.run(settings, accounts, admin=[add_status_routes])
+    # the status page names the segments the accounts file turns off
+    server.run(settings, accounts, admin=[functools.partial(add_status_routes, accounts=accounts)])
 
 
 @cli.command()
@@ -141,9 +144,9 @@ def process() -> None:
 
     from processors.worker import create_app, declare_changelogs
 
-    settings, _ = _checked()
+    settings, accounts = _checked()  # the segments' settings: pinned list names, disabled segments
     logs.setup(settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, accounts)
     try:
         declare_changelogs(app, settings)
     except KafkaException as exc:  # Faust declares them itself as it starts, as before
@@ -355,15 +358,107 @@ def dlq_redrive(sources: tuple[str, ...], account: str | None, reason: str | Non
         sys.exit(2)
 
 
+@cli.group()
+def held() -> None:
+    """Deltas the removal rail holds (max_removal_fraction, hold_drains): list, show, release, discard."""
+
+
+_held_sink = click.option("--sink", default="cordial", show_default=True, help="The sink whose holds these are.")
+
+
+def _held_error(exc: Exception) -> click.ClickException:
+    return click.ClickException(str(exc))
+
+
+@held.command("list")
+@_held_sink
+@click.option("--account", default=None, help="Only this account.")
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_list(sink: str, account: str | None, as_json: bool) -> None:
+    """Every held delta, oldest first per list, with how many deltas wait behind it."""
+    from heapsync_ops.held import load_state
+
+    logs.setup("WARNING")
+    rows = [r for r in load_state(_checked()[0], sink).holds() if account is None or r["account"] == account]
+    if as_json:
+        _echo_json(rows)
+        return
+    from heapsync.ops_render import render_rows
+
+    render_rows("held deltas", rows, ["delta_id", "account", "list_name", "kind", "reason", "waiting", "held_at",
+                                      "decision"])
+
+
+@held.command("show")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_show(delta_id: str, sink: str, as_json: bool) -> None:
+    """One held delta: why, its size, and the deltas waiting behind it (no contact ids)."""
+    from heapsync_ops.held import HoldError, find, load_state
+
+    logs.setup("WARNING")
+    try:
+        row = find(load_state(_checked()[0], sink), delta_id)
+    except HoldError as exc:
+        raise _held_error(exc) from None
+    if as_json:
+        _echo_json(row)
+        return
+    from heapsync.ops_render import render_rows
+
+    for name in ("delta_id", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
+                 "removes", "adds", "chunks_held", "chunks", "held_at", "decision"):
+        click.echo(f"{name:>14}: {row[name]}")
+    render_rows("waiting behind it, in order", row["waiting_detail"],
+                ["delta_id", "kind", "sync_task_id", "chunks", "adds", "removes"])
+
+
+def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
+    from heapsync_ops.held import HoldError, decide
+
+    logs.setup("WARNING")
+    try:
+        result = decide(_checked()[0], delta_id, action, sink)
+    except HoldError as exc:
+        raise _held_error(exc) from None
+    if as_json:
+        _echo_json(result)
+    else:
+        click.echo(f"{action}d: {result['outcome']}")
+
+
+@held.command("release")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_release(delta_id: str, sink: str, as_json: bool) -> None:
+    """Apply a held delta after all, then the deltas waiting behind it, in order."""
+    _decide(delta_id, sink, as_json, "release")
+
+
+@held.command("discard")
+@click.argument("delta_id")
+@_held_sink
+@click.option("--json", "as_json", is_flag=True)
+@_broker_errors
+def held_discard(delta_id: str, sink: str, as_json: bool) -> None:
+    """Drop a held delta (never applied); the deltas waiting behind it are then applied in order."""
+    _decide(delta_id, sink, as_json, "discard")
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_broker_errors
 def status(as_json: bool) -> None:
-    """Consumer lag, open syncs, dead letters and the last applied sync per list."""
+    """Consumer lag, open syncs, dead letters, the last applied sync per list, disabled segments."""
     from heapsync_ops.status import gather
 
     logs.setup("WARNING")
-    doc = gather(_checked()[0])
+    doc = gather(*_checked())  # the accounts name the disabled segments
     if as_json:
         _echo_json(doc)
         return

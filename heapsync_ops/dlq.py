@@ -198,7 +198,7 @@ def _held_pages_delta(letter: AssemblerDeadLetter, held: dict[int, Any], replay_
     pages = {n: rules.PageChanges(tuple(p.add), tuple(p.remove)) for n, p in held.items()}
     chunks = rules.chunk_changes(rules.net_changes(pages), chunk_size)
     sync_ref = letter.sync_task_id or letter.sync.split("|", 1)[-1]
-    list_name = naming.list_name(letter.segment_name)
+    list_name = letter.list_of or naming.list_name(letter.segment_name)  # a pinned name, when recorded
     common: dict[str, Any] = dict(
         delta_id=delta_id_for(letter.account, sync_ref), account=letter.account, segment_id=letter.segment_id,
         segment_name=letter.segment_name, list_name=list_name, identity_field=letter.identity_field or "email",
@@ -525,13 +525,22 @@ def redrive(settings: Any, entries: list[Entry], marks: Mapping[str, RedriveMark
         report.produced[out.target] += 1
     if dry_run or not todo:
         return report
+    from heapsync.kafka import java_partition
     from heapsync.producer import ResilientProducer
 
     producer = ResilientProducer.connect(settings.kafka_bootstrap, delivery_timeout_s=30.0)
     targets = {"pages": settings.topics.pages, "deltas": settings.topics.deltas}
 
+    # deltas go where the worker puts the list's others (murmur2, not librdkafka's CRC32): in order with them
+    deltas_partitions = producer.partition_count(settings.topics.deltas) if any(
+        o.target == "deltas" for o in plan.outputs) else 0
+
+    def partition_of(out: Output) -> int | None:
+        return java_partition(out.key, deltas_partitions) if out.target == "deltas" else None
+
     async def produce() -> None:
-        await asyncio.gather(*(producer.send(targets[o.target], o.value, key=o.key) for o in plan.outputs))
+        await asyncio.gather(*(producer.send(targets[o.target], o.value, key=o.key, partition=partition_of(o))
+                               for o in plan.outputs))
         # only after the re-drives are acknowledged: mark them (see module docstring)
         await asyncio.gather(*(
             producer.send(settings.topics.dlq_redrive, mark_value(by_id[i], outcome, detail, replay_id),

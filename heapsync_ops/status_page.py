@@ -17,7 +17,7 @@ import contextlib
 import html
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -34,7 +34,8 @@ from heapsync.contracts import (
     read_dead_letter,
     read_mark,
 )
-from heapsync.settings import Settings
+from heapsync.held import ListsState
+from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, TopicFollower
 from heapsync_ops.metrics import OpsView, attach
 from ingest.app import SCRAPE_HOOKS
@@ -81,6 +82,16 @@ class StatusBoard:
         self.failures: deque[dict[str, Any]] = deque(maxlen=failures)
         self.failure_counts: dict[str, int] = {}
         self.records = 0
+        self.held: dict[str, ListsState] = {}  # per sink: deltas held by the removal rail (heapsync/held.py)
+
+    def on_lists(self, key: bytes | None, value: bytes | None) -> None:
+        """One record of the sinks' lists topic (counts, held chunks, decisions; a tombstone deletes)."""
+        if key is None:
+            return
+        text = key.decode("utf-8", "replace")
+        sink = text.split("|", 1)[0]
+        state = self.held.setdefault(sink, ListsState(sink))
+        state.feed(text, value)
 
     def _sync(self, account: str, list_name: str, delta_id: str, replay_id: str | None,
               sync_task_id: str | None) -> SyncView:
@@ -129,6 +140,7 @@ class StatusBoard:
             "failures": list(reversed(self.failures)),
             "failure_counts": dict(sorted(self.failure_counts.items())),
             "records_read": self.records,
+            "held": [{"sink": sink, **row} for sink, state in sorted(self.held.items()) for row in state.holds()],
         }
 
 
@@ -150,6 +162,28 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
     if reader_failures:
         parts.append(f"<p class='bad'>Cannot read the topics ({reader_failures} broker errors in a row); retrying. "
                      "What is shown may be out of date.</p>")
+    held = snap.get("held", [])
+    parts.append("<h2>Held by the removal rail</h2>")
+    if not held:
+        parts.append("<p class='ok'>Nothing held.</p>")
+    else:
+        parts.append("<p class='bad'>These deltas are not applied, and later syncs of their lists wait behind them: "
+                     "decide with <code>heapsync held release|discard &lt;delta id&gt;</code>.</p>")
+        parts.append("<table><tr><th>account</th><th>list</th><th>delta</th><th>kind</th><th>reason</th>"
+                     "<th>waiting behind</th><th>held at</th><th>decision</th></tr>")
+        for h in held:
+            parts.append(
+                f"<tr class='bad'><td>{e(h['account'])}</td><td>{e(h['list_name'])}</td><td>{e(h['delta_id'])}</td>"
+                f"<td>{e(h['kind'])}</td><td>{e(h['reason'])}</td><td>{h['waiting']}</td><td>{e(h['held_at'])}</td>"
+                f"<td>{e(str(h['decision'] or '-'))}</td></tr>")
+    if snap.get("disabled_segments"):
+        parts.append("<h2>Disabled segments</h2><p class='warn'>enabled = false in the accounts file: their pages "
+                     "are acknowledged and kept in the pages topic; nothing is sent to Cordial.</p>"
+                     "<table><tr><th>account</th><th>segment id</th><th>list</th></tr>")
+        for seg in snap["disabled_segments"]:
+            parts.append(f"<tr class='warn'><td>{e(str(seg['account']))}</td><td>{e(str(seg['segment_id']))}</td>"
+                         f"<td>{e(str(seg.get('list_name') or '(named after the segment)'))}</td></tr>")
+        parts.append("</table>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
         parts.append("<p>No applied syncs yet.</p>")
@@ -221,6 +255,7 @@ class Tailer:
         t = settings.topics
         self.sources = {t.sink_progress: "progress", t.rejected: "rejected", t.assembler_dlq: "assembler",
                         t.sink_dlq: "sink"}
+        self.sources[t.sink_lists] = "lists"  # the removal rail's held deltas
         if ops is not None:
             self.sources[t.dlq_redrive] = "marks"  # dead letters re-driven: not pending any more
         self.follower_factory = follower_factory
@@ -255,7 +290,9 @@ class Tailer:
                     log.info("status page reader: reading again", extra={"failures": self.failures})
                     self.failures = 0
                 for record in records:
-                    if self.ops is not None and self.sources.get(record.topic) == "marks":
+                    if self.sources.get(record.topic) == "lists":
+                        self.board.on_lists(record.key, record.value)
+                    elif self.ops is not None and self.sources.get(record.topic) == "marks":
                         self._feed_mark(record)
                     elif record.value is not None:
                         self._feed(record.topic, record.value, record.timestamp_ms, record.partition, record.offset)
@@ -298,10 +335,12 @@ class Tailer:
 TAILER_KEY = web.AppKey("status_tailer", Tailer)
 
 
-def add_status_routes(app: web.Application, settings: Settings) -> None:
-    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress's admin app (an ``AdminExtension``)."""
+def add_status_routes(app: web.Application, settings: Settings, accounts: Mapping[str, Account] | None = None) -> None:
+    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress's admin app (an ``AdminExtension``;
+    bind ``accounts`` to name the segments the accounts file turns off)."""
     if not settings.status_page_enabled:
         return
+    disabled = disabled_segments(accounts or {})
     board = StatusBoard(recent=settings.status_page_recent)
     ops = OpsView()
     tailer = Tailer(settings, board, ops=ops)
@@ -312,12 +351,13 @@ def add_status_routes(app: web.Application, settings: Settings) -> None:
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.Response(text=render_html(board.snapshot(), started=started, reader_failures=tailer.failures),
-                            content_type="text/html")
+        return web.Response(text=render_html({**board.snapshot(), "disabled_segments": disabled}, started=started,
+                                             reader_failures=tailer.failures), content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.json_response({**board.snapshot(), "reading": started, "reader_failures": tailer.failures},
+        return web.json_response({**board.snapshot(), "disabled_segments": disabled, "reading": started,
+                                  "reader_failures": tailer.failures},
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

@@ -147,6 +147,7 @@ def test_old_assembler_dead_letters_read_each_kind() -> None:
     assert isinstance(timed_out, AssemblerDeadLetter)
     assert timed_out.held_pages() == {2: HeldPage(add=["b"], remove=["c"])}
     assert (timed_out.account_name, timed_out.summary()) == ("acme", "sync t1, 1 pages held")
+    assert timed_out.list_of == "HeapTestSegment"  # no list_name in letters from before it: the segment's
     late = read_dead_letter("assembler", orjson.loads(OLD_LATE_PAGE))
     assert isinstance(late, AssemblerDeadLetter) and late.page_record == orjson.loads(OLD_SYNC_PAGE)
     assert (late.account_name, late.summary()) == ("acme", "sync t1, page 2")
@@ -170,8 +171,10 @@ def test_the_model_writers_write_what_the_dict_writers_did() -> None:
     timed_out = AssemblerDeadLetter.timed_out(
         "acme|sync||t1", account="acme", segment_id="15225086", segment_name="Heap Test Segment",
         identity_field="email", replay_id=None, sync_task_id="t1", total_pages=3, missing_pages=[1],
-        pages={"2": HeldPage(add=["b"], remove=["c"], conflicts=0)}, sync_emitted_at=1767225600.0)
-    assert orjson.loads(timed_out.encode()) == orjson.loads(OLD_TIMED_OUT)
+        pages={"2": HeldPage(add=["b"], remove=["c"], conflicts=0)}, list_name="HeapTestSegment",
+        sync_emitted_at=1767225600.0)
+    # what the dict writer wrote, with the list it was for (added when list names could be pinned)
+    assert orjson.loads(timed_out.encode()) == {**orjson.loads(OLD_TIMED_OUT), "list_name": "HeapTestSegment"}
     late = AssemblerDeadLetter.late_page(
         "acme|sync||t1", page_number=2, total_pages=2, sync_task_id="t1", segment_id="15225086",
         segment_name="Heap Test Segment", adds=1, removes=0, sync_emitted_at=None)
@@ -186,7 +189,7 @@ def test_a_split_assembler_dead_letter_joins_back_and_a_lone_part_is_listed() ->
     big = AssemblerDeadLetter.timed_out(
         "acme|sync||t1", account="acme", segment_id="1", segment_name="S", identity_field="email",
         replay_id=None, sync_task_id="t1", total_pages=2, missing_pages=list(range(3, 20_000)),
-        pages={"1": HeldPage(add=["a"])}, sync_emitted_at=1.0)
+        pages={"1": HeldPage(add=["a"])}, list_name="S", sync_emitted_at=1.0)
     parts = big.records(16_384)
     assert len(parts) > 1
     records = [Record("p.deltas.dlq", 0, i, 1000, k, v) for i, (k, v) in enumerate(parts)]

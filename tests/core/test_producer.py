@@ -69,7 +69,7 @@ class _DeadThenAlive:
         self.gate: asyncio.Event | None = None  # when set up, a failing send waits for it
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None, headers: object = None, *,
-                   timeout: float | None = None) -> str:
+                   timeout: float | None = None, partition: int | None = None) -> str:
         if self.fatal:
             if self.gate is not None and value == b"late":
                 await self.gate.wait()
@@ -122,3 +122,15 @@ async def test_late_failures_of_a_replaced_producer_do_not_replace_its_successor
     assert await producer.send("t", b"still the new one") == "ok"
     assert len(made) == 2  # ...and does not condemn the new producer
     assert made[1].sent == [b"on the new one", b"still the new one"]
+
+
+def test_java_partition_is_kafkas_murmur2() -> None:
+    """Vectors from Apache Kafka's own murmur2 tests (Utils.murmur2, signed), then its toPositive % n."""
+    from heapsync.kafka import java_partition
+
+    vectors = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536,
+               b"a-little-bit-longer-string": -1486304829, b"abc": 479470107,
+               b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971}
+    for key, signed in vectors.items():
+        for partitions in (1, 3, 6, 7, 100):
+            assert java_partition(key, partitions) == (signed & 0x7FFFFFFF) % partitions

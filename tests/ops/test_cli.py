@@ -29,8 +29,11 @@ def test_topics_are_created_with_explicit_settings_and_drift_is_flagged(pipeline
     res = run(pipeline, "topics", "--json")
     assert res.returncode == 0, res.stderr
     rows = {r["topic"].removeprefix(pipeline.prefix + "."): r for r in json.loads(res.stdout)}
-    assert set(rows) == {"pages", "pages.rejected", "deltas", "deltas.dlq", "sink.dlq", "sink.progress", "dlq.redrive"}
+    assert set(rows) == {"pages", "pages.rejected", "deltas", "deltas.dlq", "sink.dlq", "sink.progress", "dlq.redrive",
+                         "sink.lists"}
     assert all(r["state"] == "created" and r["partitions"] == 3 for r in rows.values())
+    # the removal rail's counts and held deltas must outlive the retention
+    assert (rows["sink.lists"]["cleanup_policy"], rows["sink.lists"]["retention"]) == ("compact", "forever")
     assert rows["pages"]["retention"] == "14d" and rows["pages"]["cleanup_policy"] == "delete"
     assert rows["sink.progress"]["cleanup_policy"] == rows["dlq.redrive"]["cleanup_policy"] == "compact,delete"
     assert rows["sink.progress"]["retention"] == rows["dlq.redrive"]["retention"] == "14d"
@@ -40,6 +43,7 @@ def test_topics_are_created_with_explicit_settings_and_drift_is_flagged(pipeline
     assert rows["pages"]["state"].startswith("differs: retention.ms=1209600000 (wanted 604800000)")
     assert rows["sink.progress"]["state"].startswith("differs: retention.ms=1209600000 (wanted 604800000)")
     assert rows["deltas"]["state"].startswith("differs")
+    assert rows["sink.lists"]["state"] == "ok"
     table = run(pipeline, "topics").stdout
     assert f"{pipeline.prefix}.pages" in table and "14d" in table
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -17,6 +18,8 @@ import pytest
 from confluent_kafka import Producer
 
 from heapsync.contracts import RejectedRecord
+from heapsync.kafka import java_partition
+from heapsync.topic_reader import read_topic
 from heapsync_dev.samples import heap_request
 from tests.conftest import Pipeline, http
 
@@ -157,6 +160,15 @@ def test_dead_letters_redriven_after_the_cause_is_fixed_end_applied(pipeline: Pi
     for name, members in ((LIST, {"a1@example.com", "a2@example.com"}), ("SegmentTwo", {"b1@example.com"}),
                           ("SegmentThree", {"c1@example.com"})):
         assert pipeline.wait_for_members(name, members) == members, pipeline.logs()
+
+    # a re-driven delta lands on the partition the worker gives its list (murmur2, as Kafka's Java
+    # clients), not librdkafka's CRC32 one: here they differ (3 partitions), so order holds per list
+    assert java_partition(f"acme:{LIST}".encode(), 3) != zlib.crc32(f"acme:{LIST}".encode()) % 3
+    partitions: dict[bytes | None, set[int]] = {}
+    for rec in read_topic(pipeline.broker.bootstrap, f"{pipeline.prefix}.deltas", idle_timeout=5.0):
+        partitions.setdefault(rec.key, set()).add(rec.partition)
+    assert partitions[f"acme:{LIST}".encode()] == {java_partition(f"acme:{LIST}".encode(), 3)}, partitions
+    assert all(len(found) == 1 for found in partitions.values()), partitions
 
     # nothing is re-driven twice; the still-invalid request is tried again and kept
     again = cli(pipeline, "dlq", "redrive", ok=(2,))

@@ -40,7 +40,7 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
 
 
 def test_a_segment_named_like_closing_markup_does_not_crash_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(heapsync_ops.status, "gather", lambda settings: status_doc("[/x]"))
+    monkeypatch.setattr(heapsync_ops.status, "gather", lambda settings, accounts=None: status_doc("[/x]"))
     monkeypatch.setattr(cli, "_checked", lambda: (None, {}))
     res = CliRunner().invoke(cli.cli, ["status"])
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -85,3 +85,16 @@ def test_plain_leaves_no_control_character_and_no_escape(value: str) -> None:
     out = plain(value)
     assert not re.search(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]", out)
     assert len(out) <= len(value)
+
+
+def test_status_lists_what_the_removal_rail_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    out = terminal(monkeypatch)
+    doc = {**status_doc("Seg"), "held": [{
+        "delta_id": "d-held", "account": "acme", "list_name": "Churn", "reason": "drain held (hold_drains)",
+        "waiting": 2, "held_at": "2026-12-01T00:00:00+00:00", "decision": None}]}
+    render_status(doc)
+    text = plain(out.getvalue())
+    assert "held by the removal rail" in text and "d-held" in text and "drain held (hold_drains)" in text
+    out.truncate(0)
+    render_status(status_doc("Seg"))  # a document without the key (an older status) still renders
+    assert "held by the removal rail (heapsync held list|show|release|discard): none" in plain(out.getvalue())

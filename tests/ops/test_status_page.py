@@ -260,3 +260,56 @@ def test_status_page_in_headless_chromium(pipeline: Pipeline, tmp_path: Path) ->
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(png, Path(keep) / "status.png")
+
+
+class ListFollower:
+    """Hands out the first batch of records, then the second once ``go`` is set, then nothing."""
+
+    def __init__(self, first: list[Record], second: list[Record]) -> None:
+        import threading
+
+        self.batches = [first, second]
+        self.go = threading.Event()
+
+    def poll(self) -> list[Record]:
+        if len(self.batches) == 1 and not self.go.wait(0.05):
+            return []
+        return self.batches.pop(0) if self.batches else []
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_page_shows_what_the_removal_rail_holds_until_it_is_decided() -> None:
+    from heapsync.contracts import HeldChunk
+    from tests.sink_helpers import make_delta
+
+    settings = Settings(topic_prefix="t")
+    topic = settings.topics.sink_lists
+    held = HeldChunk(sink="cordial", role="held", seq=1, reason="would remove 8 of 10 members (more than 50%)",
+                     members=10, removes=8, partition=0, offset=5,
+                     delta=make_delta("Churn", remove=[f"u{i}@example.com" for i in range(8)], delta_id="d-held"))
+    waiting = held.model_copy(update={"role": "waiting", "seq": 2, "reason": "",
+                                      "delta": make_delta("Churn", add=["n@example.com"], delta_id="d-later")})
+    key = {c.delta.delta_id: f"cordial|held|{c.delta.chunk_key}".encode() for c in (held, waiting)}
+    follower = ListFollower(
+        [Record(topic, 0, 0, 0, key["d-held"], held.model_dump_json().encode()),
+         Record(topic, 0, 1, 0, key["d-later"], waiting.model_dump_json().encode())],
+        [Record(topic, 0, 2, 0, key["d-held"], None), Record(topic, 0, 3, 0, key["d-later"], None)])
+    board = StatusBoard()
+    tailer = Tailer(settings, board, follower_factory=lambda b, t: follower)
+    pages: list[str] = []
+
+    async def run() -> None:
+        tailer.ensure_started()
+        await wait_for(lambda: bool(board.snapshot()["held"]))
+        pages.append(render_html(board.snapshot()))
+        follower.go.set()  # the sink carried the decision out: tombstones
+        await wait_for(lambda: not board.snapshot()["held"])
+        pages.append(render_html(board.snapshot()))
+        await tailer.stop()
+
+    asyncio.run(run())
+    assert "would remove 8 of 10 members (more than 50%)" in pages[0] and "d-held" in pages[0]
+    assert "heapsync held release|discard" in pages[0] and "example.com" not in pages[0]
+    assert "Nothing held." in pages[1]
