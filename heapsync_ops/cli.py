@@ -316,7 +316,8 @@ def dlq_show(entry_id: str) -> None:
     if found is None:
         raise click.ClickException(f"no dead-letter entry {entry_id}")
     _echo_json({"id": found.id, "at": found.at.isoformat(), "state": state_of(found, marks),
-                "redrive": marks.get(found.mark_key), "entry": found.doc})
+                "redrive": mark.model_dump(mode="json") if (mark := marks.get(found.mark_key)) else None,
+                "entry": found.doc})
 
 
 @dlq.command("redrive")

@@ -32,8 +32,6 @@ Everything but :func:`load`, :func:`load_marks`, :func:`stale_entries` and :func
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,7 +42,27 @@ import orjson
 from pydantic import ValidationError
 
 from heapsync import dlq_parts, naming
-from heapsync.contracts import KNOWN_ACTIONS, Delta, PageRecord, delta_id_for, parse_heap_payload
+from heapsync.contracts import (
+    KNOWN_ACTIONS,
+    AnyDeadLetter,
+    AssemblerDeadLetter,
+    DeadLetterHead,
+    Delta,
+    PageRecord,
+    RedriveMark,
+    RejectedRecord,
+    SinkDeadLetter,
+    decode_json,
+    delta_id_for,
+    delta_key,
+    list_key,
+    mark_key,
+    pages_key,
+    parse_heap_payload,
+    read_dead_letter,
+    read_mark,
+    read_tolerant,
+)
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
@@ -62,6 +80,8 @@ class Entry:
     account: str | None
     reason: str
     summary: str
+    letter: AnyDeadLetter = field(default_factory=DeadLetterHead)
+    """The record as its topic's contract model (``heapsync/contracts.py``)."""
 
     @property
     def id(self) -> str:
@@ -70,7 +90,7 @@ class Entry:
 
     @property
     def mark_key(self) -> str:
-        return f"{self.record.topic}|{self.record.partition}|{self.record.offset}"
+        return mark_key(self.record.topic, self.record.partition, self.record.offset)
 
     @property
     def at(self) -> datetime:
@@ -95,39 +115,18 @@ class Plan:
 
 def parse_entry(source: Source, record: Record) -> Entry:
     """Tolerant: an entry we cannot read is still listed (reason ``unreadable``)."""
-    try:
-        doc = orjson.loads(record.value or b"null")
-    except orjson.JSONDecodeError:
-        doc = None
-    if not isinstance(doc, dict):
+    doc = decode_json(record.value or b"null")
+    if doc is None:
         return Entry(source, record, {"value": (record.value or b"").decode("utf-8", "replace")}, None,
                      "unreadable dead-letter record", "")
-    reason = str(doc.get("reason") or "unknown")
-    account = doc.get("account") if isinstance(doc.get("account"), str) else None
-    if source == "rejected":
-        summary = f"request {doc.get('request_id', '?')}"
-    elif source == "assembler":
-        sync = str(doc.get("sync") or "")
-        account = account or (sync.split("|", 1)[0] if "|" in sync else None)
-        held = doc.get("pages") if isinstance(doc.get("pages"), dict) else {}
-        summary = f"sync {doc.get('sync_task_id') or sync}" + (f", {len(held)} pages held" if held else "")
-        if "page_number" in doc:
-            summary += f", page {doc['page_number']}"
-    else:
-        if isinstance(doc.get("delta"), dict):
-            account = account or doc["delta"].get("account")
-        op = doc.get("operation")
-        summary = (f"{op} on list {doc.get('list_name', '?')}" if op
-                   else f"delta {doc.get('delta_id', '?')} chunk {doc.get('chunk', '?')}")
-    if isinstance(doc.get("incomplete"), str) and isinstance(doc.get("split"), dict):
-        split = doc["split"]
-        summary += f" (in {split.get('parts', '?')} parts, {len(split.get('found') or [])} found)"
-    return Entry(source, record, doc, account, reason, summary)
+    letter = read_dead_letter(source, doc)
+    return Entry(source, record, doc, letter.account_name, letter.reason, letter.summary() + letter.split_note(),
+                 letter)
 
 
-def state_of(entry: Entry, marks: dict[str, dict[str, Any]]) -> str:
+def state_of(entry: Entry, marks: Mapping[str, RedriveMark]) -> str:
     mark = marks.get(entry.mark_key)
-    return "pending" if mark is None else str(mark.get("outcome", "pending"))
+    return "pending" if mark is None else mark.outcome
 
 
 def matches(entry: Entry, *, account: str | None = None, reason: str | None = None) -> bool:
@@ -136,7 +135,7 @@ def matches(entry: Entry, *, account: str | None = None, reason: str | None = No
     return reason is None or reason.lower() in entry.reason.lower()
 
 
-def counts_by_reason(entries: Iterable[Entry], marks: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, int]]:
+def counts_by_reason(entries: Iterable[Entry], marks: Mapping[str, RedriveMark] | None = None) -> dict[str, dict[str, int]]:
     """``{source: {reason: count}}`` of entries not yet re-driven."""
     out: dict[str, Counter[str]] = defaultdict(Counter)
     for e in entries:
@@ -150,32 +149,15 @@ def counts_by_reason(entries: Iterable[Entry], marks: dict[str, dict[str, Any]] 
 
 
 def _page_output(record: PageRecord, payload: Any) -> Output:
-    return Output("pages", f"{record.account}:{payload.data.segment.id}".encode(),
+    return Output("pages", pages_key(record.account, payload.data.segment.id),
                   record.model_dump_json(exclude_none=False).encode())
 
 
-def rejected_body(doc: dict[str, Any]) -> bytes | str:
-    """The exact bytes of a rejected request, or why they cannot be had.
-
-    ``body`` is text (bytes that are not UTF-8 are replaced in it); ``body_base64``, when set,
-    holds the bytes as received and wins. A body cut to fit a record is not the request.
-    """
-    if doc.get("body_truncated") is True:
-        return ("the body was cut to fit a record when it was kept (the request was larger): "
-                "it is not the request Heap sent and cannot be re-driven; Heap's next sync sends it again")
-    exact = doc.get("body_base64")
-    if isinstance(exact, str):
-        try:
-            return base64.b64decode(exact, validate=True)
-        except (binascii.Error, ValueError):
-            return "body_base64 is not valid base64: the exact body is lost"
-    body = doc.get("body")
-    return body.encode() if isinstance(body, str) else "entry has no body"
-
-
 def _plan_rejected(entry: Entry) -> Output | str:
-    doc = entry.doc
-    body = rejected_body(doc)
+    letter = entry.letter
+    if not isinstance(letter, RejectedRecord):
+        return "the entry is not a readable rejected request"
+    body = letter.exact_body()
     if isinstance(body, str):
         return body
     if not entry.account:
@@ -192,8 +174,8 @@ def _plan_rejected(entry: Entry) -> Output | str:
         return f"still invalid: {', '.join(paths)}"
     if payload.action_type not in KNOWN_ACTIONS:
         return f"action_type {payload.action_type!r} is still not supported"
-    record = PageRecord(account=entry.account, request_id=str(doc.get("request_id") or entry.id),
-                        received_at=doc.get("received_at") or entry.at, payload=orjson.loads(body))
+    record = PageRecord(account=entry.account, request_id=letter.request_id or entry.id,
+                        received_at=letter.received_at, payload=orjson.loads(body))
     return _page_output(record, payload)
 
 
@@ -208,43 +190,39 @@ def _revalidate_page(value: str) -> Output | str:
     return _page_output(record, payload)
 
 
-def _held_pages_delta(entry: Entry, replay_id: str, chunk_size: int) -> list[Output] | str:
+def _held_pages_delta(letter: AssemblerDeadLetter, held: dict[int, Any], replay_id: str,
+                      chunk_size: int) -> list[Output] | str:
     from processors import rules
 
-    doc = entry.doc
-    need = ("account", "segment_id", "segment_name")
-    if not all(isinstance(doc.get(k), str) for k in need):
+    if letter.account is None or letter.segment_id is None or letter.segment_name is None:
         return "entry lacks account or segment"
-    pages: dict[int, rules.PageChanges] = {}
-    for number, page in (doc.get("pages") or {}).items():
-        if isinstance(page, dict):
-            pages[int(number)] = rules.PageChanges(tuple(page.get("add") or ()), tuple(page.get("remove") or ()))
+    pages = {n: rules.PageChanges(tuple(p.add), tuple(p.remove)) for n, p in held.items()}
     chunks = rules.chunk_changes(rules.net_changes(pages), chunk_size)
-    sync_ref = str(doc.get("sync_task_id") or str(doc.get("sync", "")).split("|", 1)[-1])
-    list_name = str(doc.get("list_name") or naming.list_name(doc["segment_name"]))  # a pinned name, when recorded
+    sync_ref = letter.sync_task_id or letter.sync.split("|", 1)[-1]
+    list_name = letter.list_of or naming.list_name(letter.segment_name)  # a pinned name, when recorded
     common: dict[str, Any] = dict(
-        delta_id=delta_id_for(doc["account"], sync_ref), account=doc["account"], segment_id=doc["segment_id"],
-        segment_name=doc["segment_name"], list_name=list_name,
-        identity_field=str(doc.get("identity_field") or "email"), kind="sync",
-        sync_task_id=doc.get("sync_task_id"), complete=False, total_pages=int(doc.get("total_pages") or 0),
-        missing_pages=list(doc.get("missing_pages") or []), chunks=len(chunks), replay_id=replay_id,
+        delta_id=delta_id_for(letter.account, sync_ref), account=letter.account, segment_id=letter.segment_id,
+        segment_name=letter.segment_name, list_name=list_name, identity_field=letter.identity_field or "email",
+        kind="sync", sync_task_id=letter.sync_task_id, complete=False, total_pages=letter.total_pages or 0,
+        missing_pages=list(letter.missing_pages or []), chunks=len(chunks), replay_id=replay_id,
     )
-    return [Output("deltas", f"{doc['account']}:{list_name}".encode(),
+    return [Output("deltas", list_key(letter.account, list_name).encode(),
                    Delta(**common, chunk=n, add=list(add), remove=list(remove)).model_dump_json().encode())
             for n, (add, remove) in enumerate(chunks, start=1)]
 
 
 def _plan_assembler(entry: Entry, replay_id: str, chunk_size: int) -> list[Output] | str:
-    doc = entry.doc
-    if isinstance(doc.get("pages"), dict):
-        return _held_pages_delta(entry, replay_id, chunk_size)
-    for key in ("record", "page"):  # a dead letter that carries the whole pages record
-        if isinstance(doc.get(key), dict):
-            rec = {**doc[key], "replay_id": replay_id}
-            out = _revalidate_page(orjson.dumps(rec).decode())
-            return [out] if isinstance(out, Output) else out
-    if isinstance(doc.get("value"), str):
-        out = _revalidate_page(doc["value"])
+    letter = entry.letter
+    if not isinstance(letter, AssemblerDeadLetter):
+        return "the entry is not a readable assembler dead letter"
+    held = letter.held_pages()
+    if held is not None:
+        return _held_pages_delta(letter, held, replay_id, chunk_size)
+    if letter.page_record is not None:  # a dead letter that carries the whole pages record
+        out = _revalidate_page(orjson.dumps({**letter.page_record, "replay_id": replay_id}).decode())
+        return [out] if isinstance(out, Output) else out
+    if letter.value is not None:
+        out = _revalidate_page(letter.value)
         return [out] if isinstance(out, Output) else out
     return "the entry holds no page content: replay the pages topic for this segment instead"
 
@@ -255,7 +233,7 @@ def _delta_again(data: Any, replay_id: str) -> Output | str:
     except ValidationError as exc:
         return f"still unreadable: {exc.error_count()} errors"
     again = delta.model_copy(update={"replay_id": replay_id})
-    return Output("deltas", f"{again.account}:{again.list_name}".encode(), again.model_dump_json().encode())
+    return Output("deltas", delta_key(again), again.model_dump_json().encode())
 
 
 # -- is a sync's content still current? (pure) -----------------------------------
@@ -297,26 +275,26 @@ class Staleness:
 
 def sync_ref(entry: Entry) -> SyncRef | None:
     """The sync of an assembler entry that holds sync content (a timed-out sync's pages, a late page)."""
-    if entry.source != "assembler":
+    letter = entry.letter
+    if entry.source != "assembler" or not isinstance(letter, AssemblerDeadLetter):
         return None
-    doc = entry.doc
-    timed_out = isinstance(doc.get("pages"), dict)
-    record = doc.get("record") if isinstance(doc.get("record"), dict) else doc.get("page")
-    if not timed_out and not isinstance(record, dict):
+    timed_out = letter.pages is not None
+    record = letter.page_record
+    if not timed_out and record is None:
         return None
-    payload = record.get("payload") if isinstance(record, dict) else None
-    data = payload.get("data") if isinstance(payload, dict) else None
-    data = data if isinstance(data, dict) else {}
-    segment_of_page: dict[str, Any] = data["segment"] if isinstance(data.get("segment"), dict) else {}
-    info: dict[str, Any] = data["sync_info"] if isinstance(data.get("sync_info"), dict) else {}
-    segment = doc.get("segment_id", segment_of_page.get("id"))
-    task = doc.get("sync_task_id", info.get("sync_task_id"))
-    account = doc.get("account") if isinstance(doc.get("account"), str) else entry.account
+    segment, task = letter.segment_id, letter.sync_task_id
+    if record is not None and (segment is None or task is None):  # early late-page letters: from the page itself
+        page = read_tolerant(PageRecord, record)
+        data = page.payload.get("data") if page is not None else None
+        if isinstance(data, dict):
+            seg_doc, info = data.get("segment"), data.get("sync_info")
+            segment = segment or (str(seg_doc["id"]) if isinstance(seg_doc, dict) and "id" in seg_doc else None)
+            task = task or (info.get("sync_task_id") if isinstance(info, dict) else None)
+    account = letter.account or entry.account
     if not account or segment is None or not isinstance(task, str):
         return None
-    at = doc.get("sync_emitted_at")
-    if isinstance(at, (int, float)) and not isinstance(at, bool):
-        emitted: float | None = float(at)
+    if letter.sync_emitted_at is not None:
+        emitted: float | None = letter.sync_emitted_at
     elif timed_out:
         emitted = entry.record.timestamp_ms / 1000  # the dead letter went out when the sync was given up
     else:
@@ -417,12 +395,12 @@ def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000
         plan.outputs.extend(result if isinstance(result, list) else [result])
         plan.outcomes[entry.id] = ("redriven", "")
 
-    ops: dict[tuple[str, str, str, int, str], list[Entry]] = defaultdict(list)
+    ops: dict[tuple[str, str, str, int, str], list[tuple[Entry, SinkDeadLetter]]] = defaultdict(list)
     for entry in entries:
-        doc = entry.doc
+        letter = entry.letter
         problem = (stale or {}).get(entry.id)
-        if isinstance(doc.get("incomplete"), str):
-            settle(entry, f"{doc['incomplete']}: cannot re-drive it")
+        if isinstance(letter, DeadLetterHead) and letter.incomplete is not None:
+            settle(entry, f"{letter.incomplete}: cannot re-drive it")
         elif problem is not None and not force:
             settle(entry, f"refused: {problem}. Re-driving it would put this older sync's data over the newer "
                           "one's; --force re-drives it anyway")
@@ -433,60 +411,56 @@ def plan_redrive(entries: list[Entry], replay_id: str, *, chunk_size: int = 5000
                 plan.warnings.append(f"{entry.id} re-driven with --force although {problem}: its older data may "
                                      "undo newer changes; check the list afterwards")
             settle(entry, _plan_assembler(entry, replay_id, chunk_size))
-        elif isinstance(doc.get("delta"), dict):
-            settle(entry, _delta_again(doc["delta"], replay_id))
-        elif doc.get("operation") in ("add", "remove", "clear") and entry.account and doc.get("list_name"):
-            ops[(entry.account, str(doc["list_name"]), str(doc.get("delta_id") or ""),
-                 int(doc.get("chunk") or 1), str(doc.get("identity_key") or "email"))].append(entry)
-        elif isinstance(doc.get("value"), str):
-            settle(entry, _delta_again(doc["value"], replay_id))
+        elif not isinstance(letter, SinkDeadLetter):
+            settle(entry, "the entry is not a readable sink dead letter")
+        elif letter.delta is not None:
+            settle(entry, _delta_again(letter.delta, replay_id))
+        elif letter.operation in ("add", "remove", "clear") and entry.account and letter.list_name:
+            ops[(entry.account, letter.list_name, letter.delta_id or "", letter.chunk or 1,
+                 letter.identity_key or "email")].append((entry, letter))
+        elif letter.value is not None:
+            settle(entry, _delta_again(letter.value, replay_id))
         else:
             settle(entry, "the entry holds no operation or delta")
     for (account, list_name, delta_id, chunk, identity_key), group in ops.items():
         state: dict[str, str] = {}
         clear = False
-        for e in sorted(group, key=lambda e: (e.record.partition, e.record.offset)):
-            if e.doc["operation"] == "clear":
+        for _, failed in sorted(group, key=lambda g: (g[0].record.partition, g[0].record.offset)):
+            if failed.operation == "clear":
                 clear = True
-            elif isinstance(e.doc.get("contact_id"), str):
-                state[e.doc["contact_id"]] = e.doc["operation"]  # the last failure of an id wins
-        first = group[0].doc
+            elif isinstance(failed.contact_id, str) and failed.operation is not None:
+                state[failed.contact_id] = failed.operation  # the last failure of an id wins
+        first = group[0][1]
         common: dict[str, Any] = dict(
             delta_id=delta_id or delta_id_for(account, f"redrive:{list_name}"), account=account,
-            segment_id=str(first.get("segment_id") or ""), segment_name=str(first.get("segment_name") or list_name),
-            list_name=list_name, identity_field=str(first.get("identity_field") or identity_key),
-            sync_task_id=first.get("sync_task_id"), chunk=chunk, chunks=max(chunk, int(first.get("chunks") or 1)),
+            segment_id=first.segment_id or "", segment_name=first.segment_name or list_name,
+            list_name=list_name, identity_field=first.identity_field or identity_key,
+            sync_task_id=first.sync_task_id, chunk=chunk, chunks=max(chunk, first.chunks or 1),
             replay_id=replay_id,
         )
-        key = f"{account}:{list_name}".encode()
+        key = list_key(account, list_name).encode()
         if clear:
             plan.outputs.append(Output("deltas", key, Delta(**common, kind="drain").model_dump_json().encode()))
         if state:
             delta = Delta(**common, kind="sync", add=sorted(i for i, o in state.items() if o == "add"),
                           remove=sorted(i for i, o in state.items() if o == "remove"))
             plan.outputs.append(Output("deltas", key, delta.model_dump_json().encode()))
-        for e in group:
+        for e, _ in group:
             plan.outcomes[e.id] = ("redriven", "")
     return plan
 
 
 def mark_value(entry: Entry, outcome: str, detail: str, replay_id: str, now: datetime | None = None) -> bytes:
-    return orjson.dumps({"entry": entry.id, "outcome": outcome, "detail": detail, "replay_id": replay_id,
-                         "at": (now or datetime.now(timezone.utc)).isoformat()})
+    return RedriveMark(entry=entry.id, outcome=outcome, detail=detail, replay_id=replay_id,
+                       at=now or datetime.now(timezone.utc)).encode()
 
 
 # -- shells ---------------------------------------------------------------------
 
 
-def load_marks(settings: Settings) -> dict[str, dict[str, Any]]:
+def load_marks(settings: Settings) -> dict[str, RedriveMark]:
     latest = latest_by_key(read_topic(settings.kafka_bootstrap, settings.topics.dlq_redrive, idle_timeout=10.0))
-    marks: dict[str, dict[str, Any]] = {}
-    for key, rec in latest.items():
-        try:
-            marks[key.decode()] = orjson.loads(rec.value or b"{}")
-        except orjson.JSONDecodeError:
-            continue
-    return marks
+    return {key.decode(): mark for key, rec in latest.items() if (mark := read_mark(rec.value)) is not None}
 
 
 def load(settings: Settings, sources: Iterable[Source] = SOURCES) -> list[Entry]:
@@ -531,7 +505,7 @@ def stale_entries(settings: Settings, entries: list[Entry]) -> dict[str, str]:
     return {i: p for i, v in verdicts.items() if (p := v.problem(refs[i])) is not None}
 
 
-def redrive(settings: Settings, entries: list[Entry], marks: dict[str, dict[str, Any]], *, replay_id: str,
+def redrive(settings: Settings, entries: list[Entry], marks: Mapping[str, RedriveMark], *, replay_id: str,
             force: bool = False, dry_run: bool = False) -> RedriveReport:
     report = RedriveReport(replay_id, dry_run)
     todo = []

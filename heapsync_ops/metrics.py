@@ -26,26 +26,15 @@ of ``/metrics`` or the first request to the status page.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import datetime
-from typing import Any
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from heapsync.contracts import AnyDeadLetter, AppliedChunk, RedriveMark, mark_key
+
 MAX_REASON_CHARS = 120
 MAX_REASONS = 50
-
-
-def applied_at(doc: dict[str, Any], timestamp_ms: int) -> float:
-    """When a progress record says its chunk was applied (``applied_at``), else the record's time."""
-    value = doc.get("applied_at")
-    if isinstance(value, str):
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            pass
-    return timestamp_ms / 1000
 
 
 class OpsView:
@@ -58,14 +47,11 @@ class OpsView:
         self._marks: dict[str, str] = {}  # mark key -> last outcome
         self._reasons: dict[str, set[str]] = {}
 
-    def on_applied(self, doc: dict[str, Any], timestamp_ms: int) -> None:
-        """One AppliedChunk record (sink progress topic)."""
-        try:
-            key = (str(doc["sink"]), str(doc["account"]), str(doc["list_name"]))
-        except KeyError:
-            return
-        at = applied_at(doc, timestamp_ms)
-        if doc.get("kind") == "drain":
+    def on_applied(self, chunk: AppliedChunk) -> None:
+        """One record of the sink progress topic; ``applied_at`` says when its chunk was applied."""
+        key = (chunk.sink, chunk.account, chunk.list_name)
+        at = chunk.applied_at.timestamp()
+        if chunk.kind == "drain":
             if at >= self.last_applied.get(key, float("-inf")):
                 self.last_applied.pop(key, None)
                 self._drained_at[key] = at
@@ -73,23 +59,22 @@ class OpsView:
         if at > self.last_applied.get(key, float("-inf")) and at >= self._drained_at.get(key, float("-inf")):
             self.last_applied[key] = at
 
-    def on_dead_letter(self, source: str, topic: str, partition: int, offset: int, doc: dict[str, Any]) -> None:
+    def on_dead_letter(self, source: str, topic: str, partition: int, offset: int, letter: AnyDeadLetter) -> None:
         """One dead-letter record; a dead letter written in parts counts once, by its first part (where
         ``heapsync dlq`` places the joined entry, so its re-drive mark has that part's key)."""
-        split = doc.get("split")
-        if isinstance(split, dict) and split.get("part") != 1:
+        if not letter.counted_once:
             return
-        self._entries[f"{topic}|{partition}|{offset}"] = (source, self._reason(source, doc.get("reason")))
+        self._entries[mark_key(topic, partition, offset)] = (source, self._reason(source, letter.reason))
 
-    def on_mark(self, key: bytes | None, value: dict[str, Any] | None) -> None:
-        """One record of the re-drive marks topic (compacted; ``None`` is a tombstone)."""
+    def on_mark(self, key: bytes | None, mark: RedriveMark | None) -> None:
+        """One record of the re-drive marks topic (compacted; ``None`` is a tombstone or a mark that does not read)."""
         if key is None:
             return
         k = key.decode("utf-8", "replace")
-        if value is None:
+        if mark is None:
             self._marks.pop(k, None)
         else:
-            self._marks[k] = str(value.get("outcome", "pending"))
+            self._marks[k] = mark.outcome
 
     def _reason(self, source: str, reason: object) -> str:
         text = str(reason or "unknown")[:MAX_REASON_CHARS]

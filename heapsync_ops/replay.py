@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 import orjson
 
+from heapsync.contracts import TICK
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, read_topic
 
 Kind = Literal["pages", "deltas"]
-TICK = b'{"control":"tick"}'
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@
 - segments turned off in the accounts file (``enabled = false``) and the syncs skipped for them.
 
 The summaries are pure functions over plain records (tested directly); only
-:func:`gather` talks to Kafka. Reading is tolerant: the assembler's metadata may
-grow or change shape (``received`` as a list of page numbers or as a counter).
+:func:`gather` talks to Kafka. Records are read through their contract models
+(``heapsync/contracts.py``: :class:`SyncMeta`, :class:`AppliedChunk`), which also
+read what older workers wrote (``received`` as a list of page numbers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from heapsync.contracts import AppliedChunk, SyncMeta, decode_json, read_tolerant
 from heapsync.kafka import client_config
 from heapsync.lag import LagUnknown, committed_offsets, partition_lag
 from heapsync.settings import Account, Settings, disabled_segments
@@ -51,43 +53,28 @@ def syncs_changelog(processor_group: str) -> str:
     return f"{processor_group}-syncs-changelog"
 
 
-def pages_received(meta: dict[str, Any]) -> int:
-    """Pages in so far, whether the assembler keeps a list of page numbers or a counter."""
-    for key in ("received", "received_pages", "pages_received", "received_count"):
-        value = meta.get(key)
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int):
-            return value
-        if isinstance(value, (list, tuple, set)):
-            return len(set(value))
-        if isinstance(value, dict):
-            return len(value)
-    return 0
-
-
 def open_syncs(latest: dict[bytes, Record], now: float) -> list[dict[str, Any]]:
     """Open syncs from the latest changelog value per key, oldest first."""
     out = []
     for key, rec in latest.items():
+        doc = decode_json(rec.value)
+        meta = read_tolerant(SyncMeta, doc) if doc is not None else None
         try:
-            meta = orjson.loads(rec.value or b"null")
             name = orjson.loads(key)
         except orjson.JSONDecodeError:
             continue
-        if not isinstance(meta, dict):
+        if meta is None:
             continue
-        started = meta.get("started_at")
-        started = float(started) if isinstance(started, (int, float)) else rec.timestamp_ms / 1000
+        started = meta.started_at if meta.started_at is not None else rec.timestamp_ms / 1000
         out.append({
             "sync": name if isinstance(name, str) else str(name),
-            "account": meta.get("account"),
-            "segment_id": meta.get("segment_id"),
-            "segment_name": meta.get("segment_name"),
-            "kind": meta.get("kind", "sync"),
-            "replay_id": meta.get("replay_id"),
-            "pages_received": pages_received(meta),
-            "total_pages": meta.get("total_pages"),
+            "account": meta.account,
+            "segment_id": meta.segment_id,
+            "segment_name": meta.segment_name,
+            "kind": meta.kind,
+            "replay_id": meta.replay_id,
+            "pages_received": meta.received,
+            "total_pages": meta.total_pages,
             "age_seconds": round(max(0.0, now - started), 1),
         })
     return sorted(out, key=lambda s: -s["age_seconds"])
@@ -97,21 +84,20 @@ def last_applied(records: Iterable[Record]) -> list[dict[str, Any]]:
     """The latest applied chunk per sink and list, from AppliedChunk records."""
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rec in records:
-        try:
-            doc = orjson.loads(rec.value or b"null")
-        except orjson.JSONDecodeError:
+        doc = decode_json(rec.value)
+        chunk = read_tolerant(AppliedChunk, doc) if doc is not None else None
+        if chunk is None:
             continue
-        if not isinstance(doc, dict) or "list_name" not in doc:
-            continue
-        k = (str(doc.get("sink", "?")), str(doc.get("account", "?")), str(doc["list_name"]))
+        d = chunk.model_dump(mode="json")
+        k = (chunk.sink, chunk.account, chunk.list_name)
         prev = latest.get(k)
-        if prev is None or str(doc.get("applied_at", "")) >= str(prev.get("applied_at", "")):
-            latest[k] = doc
+        if prev is None or d["applied_at"] >= prev["applied_at"]:
+            latest[k] = d
     return [
-        {"sink": s, "account": a, "list_name": lst, "sync_task_id": d.get("sync_task_id"),
-         "delta_id": d.get("delta_id"), "chunk": f"{d.get('chunk', '?')}/{d.get('chunks', '?')}",
-         "adds": d.get("adds"), "removes": d.get("removes"), "dead_lettered": d.get("dead_lettered", 0),
-         "complete": d.get("complete"), "applied_at": d.get("applied_at")}
+        {"sink": s, "account": a, "list_name": lst, "sync_task_id": d["sync_task_id"],
+         "delta_id": d["delta_id"], "chunk": f"{d['chunk']}/{d['chunks']}",
+         "adds": d["adds"], "removes": d["removes"], "dead_lettered": d["dead_lettered"],
+         "complete": d["complete"], "applied_at": d["applied_at"]}
         for (s, a, lst), d in sorted(latest.items())
     ]
 

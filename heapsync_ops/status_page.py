@@ -25,7 +25,15 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from heapsync import naming
+from heapsync.contracts import (
+    AnyDeadLetter,
+    AppliedChunk,
+    DeadLetterSource,
+    SinkDeadLetter,
+    decode_json,
+    read_dead_letter,
+    read_mark,
+)
 from heapsync.held import ListsState
 from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, TopicFollower
@@ -96,48 +104,32 @@ class StatusBoard:
                 syncs.popitem(last=False)
         return view
 
-    def on_applied(self, doc: dict[str, Any]) -> None:
-        """One AppliedChunk record from the sink progress topic."""
+    def on_applied(self, chunk: AppliedChunk) -> None:
+        """One record of the sink progress topic."""
         self.records += 1
-        try:
-            chunk_key = str(doc["chunk_key"])
-            replay_id = chunk_key.split("@", 1)[1] if "@" in chunk_key else None
-            view = self._sync(str(doc["account"]), str(doc["list_name"]), str(doc["delta_id"]), replay_id,
-                              doc.get("sync_task_id"))
-            chunk = int(doc.get("chunk", 1))
-            view.applied.setdefault(str(doc.get("sink", "?")), set()).add(chunk)
-            view.chunk_counts[chunk] = (int(doc.get("adds", 0)), int(doc.get("removes", 0)))
-        except (KeyError, TypeError, ValueError):
-            return
-        view.kind = str(doc.get("kind", view.kind))
-        view.chunks = max(view.chunks, int(doc.get("chunks", 1) or 1))
-        view.complete = bool(doc.get("complete", True))
-        view.dead_lettered = max(view.dead_lettered, int(doc.get("dead_lettered", 0) or 0))
-        view.last_at = str(doc.get("applied_at", view.last_at))
+        replay_id = chunk.chunk_key.split("@", 1)[1] if "@" in chunk.chunk_key else None
+        view = self._sync(chunk.account, chunk.list_name, chunk.delta_id, replay_id, chunk.sync_task_id)
+        view.applied.setdefault(chunk.sink, set()).add(chunk.chunk)
+        view.chunk_counts[chunk.chunk] = (chunk.adds, chunk.removes)
+        view.kind = chunk.kind
+        view.chunks = max(view.chunks, chunk.chunks or 1)
+        view.complete = chunk.complete
+        view.dead_lettered = max(view.dead_lettered, chunk.dead_lettered)
+        view.last_at = chunk.model_dump(mode="json")["applied_at"]
 
-    def on_dead_letter(self, source: str, doc: dict[str, Any], timestamp_ms: int) -> None:
+    def on_dead_letter(self, source: str, letter: AnyDeadLetter, timestamp_ms: int) -> None:
         """One record from a dead-letter topic (rejected, assembler or sink)."""
         self.records += 1
-        split = doc.get("split")
-        if isinstance(split, dict) and split.get("part") != 1:
+        if not letter.counted_once:
             return  # a dead letter written in parts (heapsync/dlq_parts.py) counts once, by its first part
-        account = doc.get("account") if isinstance(doc.get("account"), str) else None
-        list_name = doc.get("list_name") if isinstance(doc.get("list_name"), str) else None
-        if isinstance(doc.get("delta"), dict):
-            account = account or doc["delta"].get("account")
-            list_name = list_name or doc["delta"].get("list_name")
-        if list_name is None and isinstance(doc.get("segment_name"), str):
-            list_name = naming.list_name(doc["segment_name"])
-        if account is None and isinstance(doc.get("sync"), str) and "|" in doc["sync"]:
-            account = doc["sync"].split("|", 1)[0]
-        reason = str(doc.get("reason") or "unknown")
+        account, list_name = letter.account_name, letter.list_of  # an assembler's: named by its segment
+        reason = letter.reason
         at = datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).isoformat(timespec="seconds")
         self.failures.append({"source": source, "account": account, "list_name": list_name,
                               "reason": reason, "at": at})
         self.failure_counts[f"{source}: {reason}"] = self.failure_counts.get(f"{source}: {reason}", 0) + 1
-        if source == "sink" and account and list_name and isinstance(doc.get("delta_id"), str):
-            self._sync(account, list_name, doc["delta_id"], doc.get("replay_id"),
-                       doc.get("sync_task_id")).failures += 1
+        if isinstance(letter, SinkDeadLetter) and account and list_name and letter.delta_id is not None:
+            self._sync(account, list_name, letter.delta_id, letter.replay_id, letter.sync_task_id).failures += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -310,29 +302,26 @@ class Tailer:
 
     def _feed_mark(self, record: Record) -> None:
         assert self.ops is not None
-        try:
-            doc = orjson.loads(record.value) if record.value is not None else None
-        except orjson.JSONDecodeError:
-            return
-        self.ops.on_mark(record.key, doc if isinstance(doc, dict) or doc is None else {})
+        self.ops.on_mark(record.key, read_mark(record.value))
 
     def _feed(self, topic: str, value: bytes, timestamp_ms: int, partition: int = 0, offset: int = -1) -> None:
-        try:
-            doc = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(doc, dict):
+        """One record, read through its contract model; one that does not read is skipped."""
+        doc = decode_json(value)
+        if doc is None:
             return
         source = self.sources[topic]
         try:
             if source == "progress":
-                self.board.on_applied(doc)
+                chunk = AppliedChunk.model_validate(doc)
+                self.board.on_applied(chunk)
                 if self.ops is not None:
-                    self.ops.on_applied(doc, timestamp_ms)
+                    self.ops.on_applied(chunk)
             else:
-                self.board.on_dead_letter(source, doc, timestamp_ms)
+                dead_letter_source: DeadLetterSource = source  # type: ignore[assignment]
+                letter = read_dead_letter(dead_letter_source, doc)
+                self.board.on_dead_letter(source, letter, timestamp_ms)
                 if self.ops is not None:
-                    self.ops.on_dead_letter(source, topic, partition, offset, doc)
+                    self.ops.on_dead_letter(source, topic, partition, offset, letter)
         except Exception:  # noqa: BLE001 - one odd record is skipped, it must not stop the reader
             log.exception("status page reader: record skipped", extra={"topic": topic})
 

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import orjson
 
+from heapsync.contracts import RedriveMark, mark_key
 from heapsync.identities import EMAIL_IDENTITY, normalise_email, same_contact
 from heapsync.topic_reader import Record, latest_by_key
 
@@ -219,7 +220,7 @@ def _short(value: Any) -> str | None:
 
 
 def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked: str,
-                    marks: Mapping[str, Mapping[str, Any]]) -> dict[str, list[DeadLetter]]:
+                    marks: Mapping[str, RedriveMark]) -> dict[str, list[DeadLetter]]:
     """``chunk_key`` -> the sink dead letters that concern the contact.
 
     ``entries``: (entry id, record, parsed doc) of the sink dead-letter topic; ``marks``: the
@@ -243,15 +244,15 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
             chunk_key, named = str(doc.get("chunk_key") or _chunk_key(doc)), False
         else:
             continue
-        mark = marks.get(f"{rec.topic}|{rec.partition}|{rec.offset}") or {}
+        mark = marks.get(mark_key(rec.topic, rec.partition, rec.offset))
         status = doc.get("status")
         out.setdefault(chunk_key, []).append(DeadLetter(
             entry=entry_id, chunk_key=chunk_key, at=_when(None, rec.timestamp_ms), reason=str(doc.get("reason") or ""),
             operation=doc.get("operation") if isinstance(doc.get("operation"), str) else None,
             status=status if isinstance(status, int) and not isinstance(status, bool) else None,
             response=_short(doc.get("response")) if whole is None and named else None, named=named,
-            redrive=str(mark["outcome"]) if mark.get("outcome") else None,
-            replay_id=str(mark["replay_id"]) if mark.get("replay_id") else None,
+            redrive=mark.outcome if mark is not None else None,
+            replay_id=mark.replay_id if mark is not None and mark.replay_id else None,
         ))
     return out
 
@@ -438,7 +439,7 @@ class Trace:
 
 
 def build(contact: str, sink: str, deltas: Iterable[Record], progress: Iterable[Record],
-          dead: Iterable[tuple[str, Record, dict[str, Any]]], marks: Mapping[str, Mapping[str, Any]],
+          dead: Iterable[tuple[str, Record, dict[str, Any]]], marks: Mapping[str, RedriveMark],
           flt: Filter = Filter(), held: Mapping[str, HeldState] | None = None) -> Trace:
     """The whole trace from records as read (pure: :func:`gather` reads them)."""
     seen = [s for rec in deltas if might_touch(rec.value, contact) for s in seen_in(rec, contact, flt)]

@@ -36,12 +36,21 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, signed_digest
+from heapsync.contracts import (
+    DRAIN_ACTION,
+    SYNC_ACTION,
+    HeapDrain,
+    HeapSync,
+    page_record_bytes,
+    pages_key,
+    rejected_key,
+    signed_digest,
+)
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
 from ingest.body import BodyTooLarge, UnreadableBody, UnsupportedEncoding, body_decoder, read_body
-from ingest.records import page_record_bytes, printable, record_key, rejected_record_bytes, safe_headers
+from ingest.records import printable, rejected_record_bytes, safe_headers
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -342,7 +351,7 @@ class Ingress:
         body = received.body
         digest = signed_digest(received.heap_hash.ts, body) if isinstance(payload, HeapDrain) else None
         value = page_record_bytes(received.account_id, received.request_id, received.received_at, body, digest)
-        await self._produce("pages", self.topics.pages, value, record_key(received.account_id, payload.data.segment.id))
+        await self._produce("pages", self.topics.pages, value, pages_key(received.account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
             if payload.data.add:
                 self._ids_add.inc(len(payload.data.add))
@@ -382,7 +391,7 @@ class Ingress:
         received.outcome.reason = reason
         value = rejected_record_bytes(received.account_id, received.request_id, received.received_at, reason, errors,
                                       safe_headers(received.request.headers), received.body)
-        await self._produce("rejected", self.topics.rejected, value, received.account_id.encode())
+        await self._produce("rejected", self.topics.rejected, value, rejected_key(received.account_id))
         metrics.REJECTED.labels(kind).inc()
 
     async def _produce(self, kind: str, topic: str, value: bytes, key: bytes) -> None:

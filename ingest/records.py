@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-import orjson
-
 from heapsync.contracts import RejectedRecord
 
 SECRET_HEADERS = frozenset({
@@ -21,11 +19,6 @@ SECRET_HEADERS = frozenset({
 })
 REJECTED_RECORD_MAX_BYTES = 15 * 1024 * 1024
 """Below the topics' 16 MiB ``max.message.bytes``; a rejected body that would not fit is cut and flagged."""
-
-
-def record_key(account: str, segment_id: str) -> bytes:
-    """All pages and syncs of one segment go to one partition, in order."""
-    return f"{account}:{segment_id}".encode()
 
 
 def printable(text: str) -> str:
@@ -53,20 +46,6 @@ def safe_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Request headers fit to keep: anything that carries or derives from a secret is left out,
     and the rest is made printable (``printable``), so that the record holding them always serialises."""
     return {printable(k): printable(v) for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
-
-
-def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes,
-                      signed_digest: str | None = None) -> bytes:
-    """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
-
-    Equal to ``PageRecord(...).model_dump_json()`` when read back, without
-    re-serialising a body of thousands of ids (``tests/ingest/test_app.py`` checks it).
-    ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
-    """
-    head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
-                         "received_at": received_at, "replay_id": None,
-                         **({"signed_digest": signed_digest} if signed_digest else {})})
-    return head[:-1] + b',"payload":' + body + b"}"
 
 
 def rejected_record_bytes(account: str, request_id: str, received_at: datetime, reason: str,

@@ -36,10 +36,8 @@ from operator import not_
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping, Protocol
 
-import orjson
-
-from heapsync import dlq_parts, naming
-from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
+from heapsync import naming
+from heapsync.contracts import AssemblerDeadLetter, Delta, HeapDrain, HeapSync, HeldPage, SyncMeta, delta_id_for
 from heapsync.settings import Account, segment_settings
 from processors import rules, spill
 
@@ -67,25 +65,11 @@ class Counters:
 
 
 @dataclass
-class DeadLetter:
-    reason: str
-    sync_key: str
-    detail: dict[str, Any]
-
-    def records(self, max_bytes: int = dlq_parts.PART_MAX_BYTES) -> list[tuple[bytes, bytes]]:
-        """``(key, value)`` records for the dead-letter topic, none over ``max_bytes``: a dead letter
-        too large for one record (a timed-out sync of many big pages) is split, not refused by the
-        broker, which would stall the partition (see ``heapsync/dlq_parts.py``)."""
-        value = orjson.dumps({"reason": self.reason, "sync": self.sync_key, **self.detail})
-        return dlq_parts.split(dlq_parts.record_key(self.sync_key), value, max_bytes)
-
-
-@dataclass
 class Step:
     """What one input asks for next: segments whose queue may now move, and records given up on."""
 
     segments: list[str] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    dead_letters: list[AssemblerDeadLetter] = field(default_factory=list)
     open_syncs: int | None = None
     oldest_open_seconds: float | None = None
     """On a tick: age of the partition's oldest open sync (0 when none is open)."""
@@ -138,7 +122,7 @@ class Emission:
     complete: bool
     chunks: int
     """Delta chunks: known once ``prepare`` has run (0 for a dead letter)."""
-    dead_letter: DeadLetter | None
+    dead_letter: AssemblerDeadLetter | None
     done_value: dict[str, Any]
     stored_pages: list[int]
     partition: int = 0
@@ -178,7 +162,7 @@ class Output:
     """Everything inputs produced, in order (``drive``)."""
 
     deltas: list[Delta] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    dead_letters: list[AssemblerDeadLetter] = field(default_factory=list)
 
     def extend(self, other: Output) -> None:
         self.deltas.extend(other.deltas)
@@ -267,21 +251,13 @@ class Assembler:
 
         meta = self.syncs.get(skey)
         if meta is None:
-            meta = {
-                "account": account,
-                "kind": "sync",
-                "ref": info.sync_task_id,
-                "replay_id": replay_id,
-                "segment": seg,
-                "segment_id": payload.data.segment.id,
-                "segment_name": payload.data.segment.name,
-                "identity_field": identity,
-                "announced": info.total_pages,
-                "total_pages": info.total_pages,
-                "received": 0,
-                "partition": partition,
-                "started_at": now,
-            }
+            # written through the contract once per sync; each page then updates the plain dict (hot path)
+            meta = SyncMeta(
+                account=account, kind="sync", ref=info.sync_task_id, replay_id=replay_id, segment=seg,
+                segment_id=payload.data.segment.id, segment_name=payload.data.segment.name,
+                identity_field=identity, announced=info.total_pages,
+                total_pages=info.total_pages, received=0, partition=partition, started_at=now,
+            ).table_value()
             self._enqueue(seg, skey, partition)
         else:
             meta = dict(meta)
@@ -359,21 +335,12 @@ class Assembler:
             if meta is not None:
                 self._enqueue(seg, skey, partition, meta["started_at"])
             return Step(segments=[seg])
-        self.syncs[skey] = {
-            "account": account,
-            "kind": "drain",
-            "ref": rules.drain_ref(request_id, signed_digest),
-            "replay_id": replay_id,
-            "segment": seg,
-            "segment_id": payload.data.segment.id,
-            "segment_name": payload.data.segment.name,
-            "identity_field": payload.customer_config.identity_field(),
-            "announced": 0,
-            "total_pages": 0,
-            "received": 0,
-            "partition": partition,
-            "started_at": now,
-        }
+        self.syncs[skey] = SyncMeta(
+            account=account, kind="drain", ref=rules.drain_ref(request_id, signed_digest), replay_id=replay_id,
+            segment=seg, segment_id=payload.data.segment.id, segment_name=payload.data.segment.name,
+            identity_field=payload.customer_config.identity_field(), announced=0, total_pages=0, received=0,
+            partition=partition, started_at=now,
+        ).table_value()
         self._enqueue(seg, skey, partition)
         return Step(segments=[seg])
 
@@ -498,15 +465,12 @@ class Assembler:
         # once more here would double the dead letter. ``sync_emitted_at`` is when the sync went
         # out without this page: `heapsync dlq redrive` refuses it if a newer sync of the
         # segment was emitted since.
-        return Step(segments=[seg], dead_letters=[DeadLetter("late page for an emitted sync", skey, {
-            "page_number": page,
-            "total_pages": payload.data.sync_info.total_pages,
-            "sync_task_id": payload.data.sync_info.sync_task_id,
-            "segment_id": payload.data.segment.id,
-            "segment_name": payload.data.segment.name,
-            "adds": len(changes.add), "removes": len(changes.remove),
-            "sync_emitted_at": finished.get("at"),
-        })])
+        return Step(segments=[seg], dead_letters=[AssemblerDeadLetter.late_page(
+            skey, page_number=page, total_pages=payload.data.sync_info.total_pages,
+            sync_task_id=payload.data.sync_info.sync_task_id, segment_id=payload.data.segment.id,
+            segment_name=payload.data.segment.name, adds=len(changes.add), removes=len(changes.remove),
+            sync_emitted_at=finished.get("at"),
+        )])
 
     def _count_repeat(self, skey: str, page: int, first_digest: str, new_digest: str) -> None:
         self.counters.duplicate_pages += 1
@@ -606,14 +570,14 @@ class Assembler:
             log.warning("sync timed out with pages missing; dead-lettered",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
             numbers = sorted(stored)
-            pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(changes)))
+            pages = {str(p): HeldPage(add=list(changes.add), remove=list(changes.remove), conflicts=changes.conflicts)
                      for p, changes in zip(numbers, self._read_pages(skey, numbers, meta["identity_field"]))}
-            letter = DeadLetter("sync timed out with pages missing", skey, {
-                **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
-                "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
-                "list_name": self._list_name(meta),  # a re-drive goes to the list the sync was for (a pinned one too)
-                "sync_emitted_at": now,
-            })
+            letter = AssemblerDeadLetter.timed_out(
+                skey, account=meta["account"], segment_id=meta["segment_id"], segment_name=meta["segment_name"],
+                identity_field=meta["identity_field"], replay_id=meta["replay_id"], sync_task_id=meta["ref"],
+                total_pages=total, missing_pages=missing, pages=pages,
+                list_name=self._list_name(meta),  # a re-drive goes to the list the sync was for (a pinned one too)
+                sync_emitted_at=now)
             return Emission(skey, seg, False, 0, letter, done_value, sorted(stored), meta.get("partition", 0))
         done_value["outcome"] = "delta"
         if not complete:
@@ -660,6 +624,3 @@ class Assembler:
         return spill.SpilledNet(self._numbered_pages(skey, numbers, meta["identity_field"]), slots=slots,
                                 max_ids=self.emit_max_ids, scratch_dir=self.scratch_dir)
 
-
-def _lists(changes: rules.PageChanges) -> tuple[list[str], list[str], int]:
-    return list(changes.add), list(changes.remove), changes.conflicts

@@ -22,14 +22,16 @@ from pydantic import ValidationError
 from heapsync.contracts import (
     DRAIN_ACTION,
     SYNC_ACTION,
+    TICK,
     HeapDrain,
     HeapEnvelope,
     HeapSync,
     PageRecord,
+    is_tick,
     parse_heap_payload,
 )
 
-TICK = b'{"control":"tick"}'
+__all__ = ["TICK", "IncomingPage", "is_tick", "parse_record"]  # ticks: heapsync.contracts.Tick
 _ID = operator.itemgetter("id")
 
 
@@ -48,11 +50,6 @@ class IncomingPage:
     add: list[str]
     remove: list[str]
     signed_digest: str | None = None  # a drain's identity (see PageRecord); None in records from before it
-
-
-def is_tick(raw: bytes) -> bool:
-    """Timer ticks share the pages topic so they are handled in order with the pages."""
-    return raw == TICK
 
 
 def _member_ids(members: Any) -> list[str] | None:

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import orjson
 
+from heapsync.contracts import sync_key as sync_key  # the state tables' and dead letters' key
 from heapsync.identities import EMAIL_IDENTITY, normalise_email, normalise_ids  # noqa: F401 (rules' vocabulary)
 
 ADD = "add"
@@ -301,16 +302,6 @@ def drain_identity(request_id: str, signed_digest: str | None) -> str:
 def drain_ref(request_id: str, signed_digest: str | None = None) -> str:
     """What names a drain in its delta id (``delta_id_for``) and its state key."""
     return f"drain:{drain_identity(request_id, signed_digest)}"
-
-
-def sync_key(account: str, kind: str, ref: str, replay_id: str | None) -> str:
-    """Key of one assembly in the state tables; a replay is assembled apart from the original.
-
-    ``account|kind|replay_id|ref``: the account and kind hold no ``|``, replay ids are
-    generated (no ``|``), and the sync id, any string per Heap, comes last, so no two
-    syncs share a key, and the key ends with the sync id (``heapsync status`` shows it).
-    """
-    return f"{account}|{kind}|{replay_id or ''}|{ref}"
 
 
 def page_key(sync_key: str, page_number: int) -> str:

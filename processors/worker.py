@@ -37,11 +37,11 @@ from faust.types import TableT, TopicT
 from pydantic import ValidationError
 
 from heapsync import lag
-from heapsync.contracts import Delta, HeapDrain, HeapSync
+from heapsync.contracts import UNKNOWN_ACTION, AssemblerDeadLetter, Delta, HeapDrain, HeapSync, delta_key
 from heapsync.kafka import min_insync_replicas
 from heapsync.settings import Account, Settings
 from processors import metrics, spill
-from processors.assembler import Assembler, DeadLetter, Emission, Step
+from processors.assembler import Assembler, Emission, Step
 from processors.records import TICK, is_tick, parse_record
 
 log = logging.getLogger("heapsync.processor")
@@ -216,9 +216,9 @@ class Worker:
         except ValidationError as exc:
             metrics.UNREADABLE.inc()
             log.error("unreadable record on the pages topic; dead-lettered", extra={"partition": partition})
-            return Step(dead_letters=[DeadLetter("unreadable pages record", f"partition-{partition}", {
-                "errors": exc.errors(include_input=False, include_url=False, include_context=False),
-                "value": raw.decode("utf-8", "replace")})])
+            return Step(dead_letters=[AssemblerDeadLetter.unreadable(
+                partition, raw.decode("utf-8", "replace"),
+                exc.errors(include_input=False, include_url=False, include_context=False))])
         payload = record.payload
         if isinstance(payload, HeapSync):
             if log.isEnabledFor(logging.DEBUG):
@@ -228,7 +228,7 @@ class Worker:
             step = self.assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
                                                replay_id=record.replay_id, add=record.add, remove=record.remove)
             for letter in step.dead_letters:  # a late page: keep the whole record, so `heapsync dlq` can re-drive it
-                letter.detail["record"] = orjson.loads(raw)
+                letter.record = orjson.loads(raw)
             return step
         if isinstance(payload, HeapDrain):
             return self.assembler.on_drain(record.account, payload, request_id=record.request_id,
@@ -237,8 +237,8 @@ class Worker:
         # The ingress sends unknown action types to the rejected topic; never drop one silently here.
         log.error("pages record with an unknown action type; dead-lettered",
                   extra={"partition": partition, "action_type": payload.action_type})
-        return Step(dead_letters=[DeadLetter("unknown action type", f"partition-{partition}",
-                                             {"value": raw.decode("utf-8", "replace")})])
+        return Step(dead_letters=[AssemblerDeadLetter.unreadable(partition, raw.decode("utf-8", "replace"),
+                                                                 reason=UNKNOWN_ACTION)])
 
     async def emit_ready(self, step: Step) -> None:
         """Publish every emission the step's segments have ready, each durable before its pages are dropped."""
@@ -272,7 +272,7 @@ class Worker:
         first: Delta | None = None
         for delta in em.iter_deltas():
             pending.append(await self.deltas_topic.send(
-                key=f"{delta.account}:{delta.list_name}".encode(),
+                key=delta_key(delta),
                 value=delta.model_dump_json().encode(),
             ))
             adds, removes = adds + len(delta.add), removes + len(delta.remove)
@@ -291,7 +291,7 @@ class Worker:
         if em.dead_letter is not None:
             await self.send_dead_letters([em.dead_letter])
 
-    async def send_dead_letters(self, letters: list[DeadLetter]) -> None:
+    async def send_dead_letters(self, letters: list[AssemblerDeadLetter]) -> None:
         # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
         futures = [await self.dlq_topic.send(key=key, value=value)
                    for d in letters for key, value in d.records(self.settings.dead_letter_part_bytes)]

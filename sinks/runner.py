@@ -47,7 +47,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic import ValidationError
 
 from heapsync import held, lag
-from heapsync.contracts import AppliedChunk, Delta, HeldChunk, HoldDecision, ListCount
+from heapsync.contracts import AppliedChunk, Delta, HeldChunk, HoldDecision, ListCount, list_key, progress_key
 from heapsync.kafka import client_config
 from heapsync.producer import ResilientProducer
 from heapsync.settings import RemovalRail, Settings
@@ -90,12 +90,9 @@ class _Lane:
     running: list[_Item] = field(default_factory=list)
 
 
-def progress_key(sink: str, chunk_key: str) -> str:
-    return f"{sink}|{chunk_key}"
-
-
 def lane_key(delta: Delta | None) -> str:
-    return f"{delta.account}:{delta.list_name}" if delta is not None else "~unreadable"
+    """One lane per list (the deltas topic's key, ``heapsync.contracts.list_key``)."""
+    return list_key(delta.account, delta.list_name) if delta is not None else "~unreadable"
 
 
 class SinkRunner:
@@ -148,7 +145,7 @@ class SinkRunner:
             "enable.auto.commit": False,
             "enable.partition.eof": True,
         })
-        prefix = f"{self.sink.name}|"
+        prefix = progress_key(self.sink.name, "")
         try:
             meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
             if meta is None or meta.error is not None or not meta.partitions:

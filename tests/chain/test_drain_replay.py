@@ -16,9 +16,8 @@ from datetime import datetime, timezone
 import orjson
 import pytest
 
-from heapsync.contracts import PageRecord, delta_id_for, signed_digest
+from heapsync.contracts import PageRecord, delta_id_for, page_record_bytes, signed_digest
 from heapsync_dev.samples import drain_request, heap_request
-from ingest.records import page_record_bytes
 from processors.records import parse_record
 from tests.conftest import Pipeline
 from tests.ingest_support import read_topic

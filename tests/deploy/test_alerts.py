@@ -10,11 +10,13 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 from prometheus_client import generate_latest
 
 import heapsync_ops.metrics as ops_metrics
 from heapsync import lag
+from heapsync.contracts import AnyDeadLetter, AppliedChunk, DeadLetterSource, RedriveMark, read_dead_letter
 from heapsync_ops.metrics import OpsView
 from processors import metrics as processor_metrics
 from processors.assembler import Assembler
@@ -95,41 +97,46 @@ def test_the_tiny_evaluator_agrees_with_promtool(tmp_path: Path) -> None:
 # -- the gauges' rules ------------------------------------------------------------------
 
 
-def applied(account: str, list_name: str, at: str, kind: str = "sync", sink: str = "cordial") -> dict[str, Any]:
-    return {"sink": sink, "account": account, "list_name": list_name, "kind": kind, "applied_at": at}
+def applied(account: str, list_name: str, at: str, kind: str = "sync", sink: str = "cordial") -> AppliedChunk:
+    return AppliedChunk.model_validate_json(orjson.dumps({
+        "sink": sink, "chunk_key": "d:1", "delta_id": "d", "chunk": 1, "chunks": 1, "account": account,
+        "list_name": list_name, "segment_id": "1", "sync_task_id": "s" if kind == "sync" else None, "kind": kind,
+        "complete": True, "adds": 1, "removes": 0, "applied_at": at}))
+
+
+def dead_letter(source: DeadLetterSource, doc: dict[str, Any]) -> AnyDeadLetter:
+    return read_dead_letter(source, doc)
 
 
 def test_last_applied_sync_per_list_moves_forward_only_and_a_drained_list_is_not_reported() -> None:
     view = OpsView()
-    view.on_applied(applied("acme", "Churn", "2026-01-01T08:00:00+00:00"), 0)
-    view.on_applied(applied("acme", "Churn", "2026-01-01T04:00:00+00:00"), 0)  # an older record read later
-    view.on_applied(applied("acme", "VIP", "2026-01-01T04:00:00Z"), 0)
-    view.on_applied({"sink": "cordial", "account": "acme", "list_name": "Old", "kind": "sync"}, 1_700_000_000_000)
+    view.on_applied(applied("acme", "Churn", "2026-01-01T08:00:00+00:00"))
+    view.on_applied(applied("acme", "Churn", "2026-01-01T04:00:00+00:00"))  # an older record read later
+    view.on_applied(applied("acme", "VIP", "2026-01-01T04:00:00Z"))
     assert view.last_applied[("cordial", "acme", "Churn")] == 1767254400.0  # 08:00
-    assert view.last_applied[("cordial", "acme", "Old")] == 1_700_000_000.0  # no applied_at: the record's time
-    view.on_applied(applied("acme", "VIP", "2026-01-01T06:00:00Z", kind="drain"), 0)
+    view.on_applied(applied("acme", "VIP", "2026-01-01T06:00:00Z", kind="drain"))
     assert ("cordial", "acme", "VIP") not in view.last_applied  # Heap sends no more syncs of a drained segment
-    view.on_applied(applied("acme", "VIP", "2026-01-01T05:00:00Z"), 0)  # older than the drain
+    view.on_applied(applied("acme", "VIP", "2026-01-01T05:00:00Z"))  # older than the drain
     assert ("cordial", "acme", "VIP") not in view.last_applied
-    view.on_applied(applied("acme", "VIP", "2026-01-02T00:00:00Z"), 0)  # the segment came back
+    view.on_applied(applied("acme", "VIP", "2026-01-02T00:00:00Z"))  # the segment came back
     assert ("cordial", "acme", "VIP") in view.last_applied
 
 
 def test_dead_letters_pending_until_redriven_counted_once_per_entry() -> None:
     view = OpsView()
-    view.on_dead_letter("sink", "p.sink.dlq", 0, 5, {"reason": "cordial rejected the operation"})
-    view.on_dead_letter("sink", "p.sink.dlq", 1, 9, {"reason": "cordial rejected the operation"})
-    view.on_dead_letter("assembler", "p.deltas.dlq", 2, 0, {"reason": "sync timed out with pages missing",
-                                                              "split": {"part": 1, "parts": 2}})
-    view.on_dead_letter("assembler", "p.deltas.dlq", 2, 1, {"reason": "sync timed out with pages missing",
-                                                              "split": {"part": 2, "parts": 2}})
+    view.on_dead_letter("sink", "p.sink.dlq", 0, 5, dead_letter("sink", {"reason": "cordial rejected the operation"}))
+    view.on_dead_letter("sink", "p.sink.dlq", 1, 9, dead_letter("sink", {"reason": "cordial rejected the operation"}))
+    view.on_dead_letter("assembler", "p.deltas.dlq", 2, 0, dead_letter("assembler", {
+        "reason": "sync timed out with pages missing", "split": {"group": "g", "part": 1, "parts": 2}}))
+    view.on_dead_letter("assembler", "p.deltas.dlq", 2, 1, dead_letter("assembler", {
+        "reason": "sync timed out with pages missing", "split": {"group": "g", "part": 2, "parts": 2}}))
     assert view.pending() == {("sink", "cordial rejected the operation"): 2,
                               ("assembler", "sync timed out with pages missing"): 1}
-    view.on_mark(b"p.sink.dlq|0|5", {"outcome": "redriven"})
-    view.on_mark(b"p.deltas.dlq|2|0", {"outcome": "failed"})  # tried and failed: still to do
+    view.on_mark(b"p.sink.dlq|0|5", RedriveMark(outcome="redriven"))
+    view.on_mark(b"p.deltas.dlq|2|0", RedriveMark(outcome="failed"))  # tried and failed: still to do
     assert view.pending() == {("sink", "cordial rejected the operation"): 1,
                               ("assembler", "sync timed out with pages missing"): 1}
-    view.on_mark(b"p.sink.dlq|1|9", {"outcome": "redriven"})
+    view.on_mark(b"p.sink.dlq|1|9", RedriveMark(outcome="redriven"))
     assert view.pending()[("sink", "cordial rejected the operation")] == 0  # stays at 0: the alert resolves
     view.on_mark(b"p.sink.dlq|1|9", None)  # the mark deleted (tombstone): pending again
     assert view.pending()[("sink", "cordial rejected the operation")] == 1
@@ -138,7 +145,8 @@ def test_dead_letters_pending_until_redriven_counted_once_per_entry() -> None:
 def test_reasons_are_capped_in_length_and_number() -> None:
     view = OpsView()
     for i in range(ops_metrics.MAX_REASONS + 5):
-        view.on_dead_letter("rejected", "p.pages.rejected", 0, i, {"reason": f"reason {i} " + "x" * 500})
+        view.on_dead_letter("rejected", "p.pages.rejected", 0, i,
+                            dead_letter("rejected", {"reason": f"reason {i} " + "x" * 500}))
     counts = view.pending()
     assert counts[("rejected", "other")] == 5
     assert len(counts) == ops_metrics.MAX_REASONS + 1
@@ -147,8 +155,8 @@ def test_reasons_are_capped_in_length_and_number() -> None:
 
 def test_the_ingress_exports_the_view_it_attached() -> None:
     view = OpsView()
-    view.on_applied(applied("acme", 'Say "hi"', "2026-01-01T08:00:00Z"), 0)
-    view.on_dead_letter("sink", "p.sink.dlq", 0, 1, {"reason": "unknown account"})
+    view.on_applied(applied("acme", 'Say "hi"', "2026-01-01T08:00:00Z"))
+    view.on_dead_letter("sink", "p.sink.dlq", 0, 1, dead_letter("sink", {"reason": "unknown account"}))
     before = (ops_metrics.COLLECTOR.view, ops_metrics.COLLECTOR.failures)
     try:
         ops_metrics.attach(view, lambda: 3)

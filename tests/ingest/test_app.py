@@ -36,7 +36,7 @@ json_values = st.recursive(
 def test_page_record_bytes_reads_back_as_the_page_record(extra: dict[str, Any], ids: list[str], indent: bool) -> None:
     payload = {**extra, **heap_request("task", 1, 1, add=ids, remove=[])}
     body = orjson.dumps(payload, option=orjson.OPT_INDENT_2 if indent else 0)
-    raw = records.page_record_bytes("acme", "req-1", NOW, body)
+    raw = contracts.page_record_bytes("acme", "req-1", NOW, body)
     expected = PageRecord(account="acme", request_id="req-1", received_at=NOW, payload=payload)
     assert PageRecord.model_validate_json(raw) == expected
     assert orjson.loads(raw)["payload"] == payload
@@ -76,8 +76,8 @@ def test_request_ids_from_callers_are_kept_only_when_sane() -> None:
 
 
 def test_records_of_one_segment_share_a_key() -> None:
-    assert records.record_key("acme", "15225086") == records.record_key("acme", "15225086") == b"acme:15225086"
-    assert records.record_key("acme", "1") != records.record_key("other", "1")
+    assert contracts.pages_key("acme", "15225086") == contracts.pages_key("acme", "15225086") == b"acme:15225086"
+    assert contracts.pages_key("acme", "1") != contracts.pages_key("other", "1")
 
 
 # ---------------------------------------------------------------- the OpenAPI document

@@ -53,12 +53,12 @@ def timed_out_dead_letter(pages: int, ids_per_page: int, id_len: int = 30) -> An
 
 def test_a_dead_letter_over_the_record_limit_is_written_as_parts_each_within_it() -> None:
     letter = timed_out_dead_letter(pages=19, ids_per_page=30_000)  # the 19 x 30,000 ids
-    whole = orjson.dumps({"reason": letter.reason, "sync": letter.sync_key, **letter.detail})
+    whole = letter.encode()
     assert len(whole) > LIMIT  # what used to be sent as one record and refused
     for limit in (dlq_parts.PART_MAX_BYTES, LIMIT):
         records = letter.records(limit)
         assert len(records) > 1 and max(len(k) + len(v) for k, v in records) <= limit
-        assert {k for k, _ in records} == {letter.sync_key.encode()}  # one key: one partition, in order
+        assert {k for k, _ in records} == {letter.sync.encode()}  # one key: one partition, in order
     # read back: one entry, the same re-drive as the unsplit dead letter
     [joined] = dlq_parts.join(as_records(letter.records()))
     assert joined.value == whole and joined.offset == 0
@@ -119,7 +119,7 @@ def test_a_late_page_dead_letter_carries_its_ids_once() -> None:
     step = asm.on_sync_page("acme", HeapSync.model_validate(heap_request("s1", 2, 2, add=["late@x.io"] * 1)),
                             partition=0, now=11)
     [letter] = step.dead_letters
-    letter.detail["record"] = {"payload": heap_request("s1", 2, 2, add=["late@x.io"])}  # as the worker adds it
+    letter.record = {"payload": heap_request("s1", 2, 2, add=["late@x.io"])}  # as the worker adds it
     [(_, value)] = letter.records()
     assert value.count(b"late@x.io") == 1
 

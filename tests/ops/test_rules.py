@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from heapsync import naming
-from heapsync.contracts import Delta, PageRecord, RejectedRecord, delta_id_for
+from heapsync.contracts import Delta, PageRecord, RejectedRecord, delta_id_for, read_mark
 from heapsync.topic_reader import Record, latest_by_key
 from heapsync_dev.samples import heap_request
 from heapsync_ops import dlq, replay, status, topics_admin
@@ -168,7 +168,8 @@ def test_a_delta_dead_lettered_whole_goes_back_with_a_replay_id() -> None:
 def test_marks_hide_redriven_entries_from_counts_and_redrive() -> None:
     entries = [dlq.parse_entry("sink", rec({"reason": "x", "account": "acme"}, topic="p.sink.dlq", offset=i))
                for i in range(3)]
-    marks = {entries[0].mark_key: {"outcome": "redriven"}, entries[1].mark_key: {"outcome": "failed"}}
+    marks = {entries[0].mark_key: read_mark(dlq.mark_value(entries[0], "redriven", "", "r1")),
+             entries[1].mark_key: read_mark(dlq.mark_value(entries[1], "failed", "still invalid", "r1"))}
     assert [dlq.state_of(e, marks) for e in entries] == ["redriven", "failed", "pending"]
     assert dlq.counts_by_reason(entries, marks) == {"sink": {"x": 2}}
     assert dlq.matches(entries[0], account="acme", reason="X") and not dlq.matches(entries[0], account="other")

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from heapsync.contracts import AppliedChunk, RejectedRecord
+from heapsync.contracts import AppliedChunk, RejectedRecord, read_dead_letter
 from heapsync.dlq_parts import split
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
@@ -42,12 +42,14 @@ def test_board_shows_progress_per_sink_adds_removes_and_failures_without_user_id
     board = StatusBoard(recent=2)
     for doc in (applied("d1", 1, 2), applied("d1", 2, 2), applied("d1", 1, 2, sink="archive"),
                 applied("d2", 1, 1), applied("d1", 1, 2, replay_id="r9")):
-        board.on_applied(doc.model_dump(mode="json"))
-    board.on_dead_letter("sink", {"sink": "cordial", "reason": "cordial rejected the operation", "delta_id": "d2",
-                                  "account": "acme", "list_name": "HeapTestSegment", "operation": "add",
-                                  "contact_id": "secret.person@example.com"}, 1_790_000_000_000)
-    board.on_dead_letter("assembler", {"reason": "sync timed out with pages missing", "sync": "acme|s7",
-                                       "segment_name": "Other Segment"}, 1_790_000_000_000)
+        board.on_applied(doc)
+    board.on_dead_letter("sink", read_dead_letter("sink", {
+        "sink": "cordial", "reason": "cordial rejected the operation", "delta_id": "d2", "account": "acme",
+        "list_name": "HeapTestSegment", "operation": "add", "contact_id": "secret.person@example.com"}),
+        1_790_000_000_000)
+    board.on_dead_letter("assembler", read_dead_letter("assembler", {
+        "reason": "sync timed out with pages missing", "sync": "acme|s7", "segment_name": "Other Segment"}),
+        1_790_000_000_000)
     snap = board.snapshot()
     [group] = snap["lists"]
     # two most recent syncs kept, newest first; the first d1 fell out when the replay arrived
@@ -69,14 +71,14 @@ def test_a_dead_letter_written_in_parts_counts_once() -> None:
     assert len(records) > 1
     board = StatusBoard()
     for _key, value in records:
-        board.on_dead_letter("assembler", orjson.loads(value), 1_790_000_000_000)
+        board.on_dead_letter("assembler", read_dead_letter("assembler", orjson.loads(value)), 1_790_000_000_000)
     snap = board.snapshot()
     assert snap["failure_counts"] == {"assembler: sync timed out with pages missing": 1}
 
 
 def test_page_escapes_names() -> None:
     board = StatusBoard()
-    board.on_applied(applied("d1", 1, 1, list_name="<script>x</script>").model_dump(mode="json"))
+    board.on_applied(applied("d1", 1, 1, list_name="<script>x</script>"))
     assert "<script>x" not in render_html(board.snapshot())
 
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import heapsync_ops.trace
-from heapsync.contracts import AppliedChunk, Delta
+from heapsync.contracts import AppliedChunk, Delta, RedriveMark
 from heapsync.topic_reader import Record
 from heapsync_ops import cli
 from heapsync_ops.trace import (
@@ -179,7 +179,7 @@ def test_dead_letters_of_other_contacts_are_left_out_and_a_whole_chunk_gives_no_
                          3, topic="t.sink.dlq"), {}),
     ]
     entries = [(i, r, orjson.loads(r.value or b"")) for i, r, _ in entries]
-    found = dead_letters_of(entries, "ANN@x.com", {"t.sink.dlq|0|2": {"outcome": "redriven", "replay_id": "r9"}})
+    found = dead_letters_of(entries, "ANN@x.com", {"t.sink.dlq|0|2": RedriveMark(outcome="redriven", replay_id="r9")})
     assert [(x.entry, x.named, x.response, x.replay_id) for x in found[d.chunk_key]] == [
         ("sink:0:2", True, None, "r9"), ("sink:0:3", False, None, None)]
 

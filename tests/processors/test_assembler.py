@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -157,10 +158,12 @@ def test_timeout_emits_a_partial_delta_then_releases_the_queue_and_late_pages_ar
     late = feed(asm, page("old", 2, 3, ["x"]), now=61)
     assert late.deltas == []
     [letter] = late.dead_letters
+    [(_, value)] = letter.records()
+    written = orjson.loads(value)
     # the ids once: as counts here, the worker adds the whole pages record (what a re-drive needs)
-    assert letter.detail["page_number"] == 2 and (letter.detail["adds"], letter.detail["removes"]) == (1, 0)
-    assert "add" not in letter.detail and "remove" not in letter.detail
-    assert letter.detail["sync_emitted_at"] == 60  # when the sync went out without it: `dlq redrive` checks
+    assert written["page_number"] == 2 and (written["adds"], written["removes"]) == (1, 0)
+    assert "add" not in written and "remove" not in written
+    assert written["sync_emitted_at"] == 60  # when the sync went out without it: `dlq redrive` checks
     assert asm.counters.late_pages == 1
     assert maps[0] == {} and maps[1] == {} and maps[2] == {}
 
@@ -171,8 +174,9 @@ def test_dead_letter_policy_sends_the_timed_out_sync_with_its_pages() -> None:
     out = tick(asm, now=10)
     assert out.deltas == []
     [letter] = out.dead_letters
-    assert letter.detail["missing_pages"] == [1]
-    assert letter.detail["pages"] == {"2": {"add": ["b"], "remove": ["c"], "conflicts": 0}}
+    written = orjson.loads(letter.records()[0][1])
+    assert written["missing_pages"] == [1]
+    assert written["pages"] == {"2": {"add": ["b"], "remove": ["c"], "conflicts": 0}}
     assert asm.counters.dead_lettered == 1
 
 

@@ -19,10 +19,10 @@ import pytest
 from confluent_kafka import Consumer, Producer
 
 from heapsync.contracts import Delta, PageRecord, delta_id_for
+from heapsync.contracts import pages_key as record_key
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
 from heapsync_dev.samples import heap_request
-from ingest.records import record_key
 from processors import rules
 from tests.conftest import Pipeline
 

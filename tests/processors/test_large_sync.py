@@ -13,8 +13,8 @@ import pytest
 from confluent_kafka import Producer
 
 from heapsync.contracts import PageRecord, delta_id_for
+from heapsync.contracts import pages_key as record_key
 from heapsync_dev.samples import heap_request
-from ingest.app import record_key
 from tests.conftest import Pipeline
 from tests.processors.test_crash import DeltaReader, Pages, assert_exact, reader  # noqa: F401  (fixture)
 

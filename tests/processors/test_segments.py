@@ -49,7 +49,7 @@ def test_a_timed_out_sync_dead_letter_names_the_pinned_list_for_its_redrive() ->
                         timeout_seconds=10, partial_policy="dead-letter")
     feed(asm, page("s", 2, 2, ["b@x.com"]), now=0)
     [letter] = asm.drive(asm.on_tick(partition=0), 10).dead_letters
-    assert letter.detail["list_name"] == "Customers"
+    assert letter.list_name == "Customers"
 
 
 def test_a_disabled_segment_is_assembled_and_marked_done_with_no_delta() -> None:

@@ -26,4 +26,4 @@ def test_a_metrics_port_adds_the_metrics_server_and_the_lag_report() -> None:
 
 def test_an_unreadable_pages_record_is_a_dead_letter_not_an_error() -> None:
     step = Worker(_settings(metrics_port=None)).handle(b"not json", partition=3)
-    assert [(d.reason, d.sync_key) for d in step.dead_letters] == [("unreadable pages record", "partition-3")]
+    assert [(d.reason, d.sync) for d in step.dead_letters] == [("unreadable pages record", "partition-3")]
