@@ -36,6 +36,8 @@ CHUNK_SECONDS = Histogram(
 )
 IMPORTS = Counter("heapsync_sink_imports_total", "Contact imports, by final job status.", ["account", "status"])
 INFLIGHT = Gauge("heapsync_sink_inflight_chunks", "Delta chunks read from Kafka and not yet applied.", ["sink"])
+INFLIGHT_IDS = Gauge("heapsync_sink_inflight_ids", "Operations in the delta chunks read and not yet applied.",
+                     ["sink"])
 COMMITTED = Gauge("heapsync_sink_committed_offset", "Last committed offset per partition.", ["sink", "partition"])
 
 
