@@ -206,9 +206,9 @@ def ceiling_main(bootstrap: str, topic: str, starts: dict[int, int], sync_ids: s
         for msg in consumer.consume(500, 0.1):
             if msg.error():
                 continue
-            data = orjson.loads(msg.value())["payload"]["data"]
-            info = data["sync_info"]
-            if info["sync_task_id"] in sync_ids:
+            data = (orjson.loads(msg.value()).get("payload") or {}).get("data") or {}
+            info = data.get("sync_info") or {}  # the worker's own records on the topic (timers) have none
+            if info.get("sync_task_id") in sync_ids:
                 seen[(info["sync_task_id"], info["page_number"])] = (
                     [m["id"] for m in data.get("add") or ()], [m["id"] for m in data.get("remove") or ()])
     nets: dict[str, dict[str, bool]] = {}
