@@ -479,7 +479,8 @@ def report(title: str, r: dict[str, Any], ceiling: dict[str, Any] | None, sim_cp
     print(f"[e2e] {title}: {ids:,} ids in {sum(p.pages for p in r['plans']):,} pages -> {r['chunks']} chunks; "
           f"end to end {e2e:.1f} s ({ids / e2e:,.0f} ids/s); {exact}; dead-lettered {r['dead_lettered']}; "
           f"load average {r['load']}", flush=True)
-    print(f"  posting {r['last_page'] - r['first']:.1f} s (statuses {r['posted']['statuses']}); last page -> last "
+    print(f"  posting {r['last_page'] - r['first']:.1f} s (statuses {r['posted']['statuses']}, poster CPU "
+          f"{r['posted']['cpu_s']:.1f} s); last page -> last "
           f"chunk {r['last_chunk'] - r['last_page']:.1f} s; last chunk -> last import done "
           f"{r['last_import'] - r['last_chunk']:.1f} s", flush=True)
     for name in sorted(r["cpu"]):
@@ -557,6 +558,11 @@ def bench_sizes(kind: str, users: int, followup: bool, ceilings: bool, concurren
             raise
         finally:
             stack.stop()
+            keep = os.environ.get("BENCH_E2E_KEEP_LOGS")  # a folder: the stages' logs are copied there
+            if keep:
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                for log in Path(tmp).glob("*.log"):
+                    (Path(keep) / log.name).write_bytes(log.read_bytes())
     return out
 
 
