@@ -24,8 +24,9 @@ test: $(STAMP)
 
 ## Lint and type-check the packages (ruff, mypy with the pydantic plugin; settings in pyproject.toml).
 lint: $(STAMP)
-	$(BIN)/ruff check heapsync ingest processors sinks tests bench
-	$(BIN)/mypy heapsync ingest processors sinks
+	$(BIN)/ruff check heapsync heapsync_ops heapsync_dev ingest processors sinks tests bench
+	$(BIN)/mypy heapsync heapsync_ops heapsync_dev ingest processors sinks
+	$(BIN)/lint-imports
 
 ## Run the benchmarks and print their results (see BENCHMARKS.md): on Tansu and, when java and mvn are on PATH,
 ## Apache Kafka too (python -m bench --help; --broker tansu|kafka|both, or HEAPSYNC_BENCH_BROKERS).

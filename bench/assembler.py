@@ -42,7 +42,7 @@ SEGMENT = "777"
 
 def build_pages(sync_id: str) -> list[bytes]:
     from heapsync.contracts import PageRecord
-    from heapsync.samples import heap_request
+    from heapsync_dev.samples import heap_request
 
     out = []
     for n in range(1, PAGES + 1):
@@ -163,9 +163,9 @@ def run_ceiling(bootstrap: str, prefix: str, pages: list[bytes],
     """One ceiling round on a fresh topic: (seconds first page produced -> sets built, lag after last page, RSS,
     the consumer's CPU seconds, the broker's CPU seconds over the round)."""
     from bench.brokers import cpu_seconds
-    from heapsync.broker import die_with_parent
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
+    from heapsync_dev.processes import die_with_parent
 
     settings = Settings(kafka_bootstrap=bootstrap, topic_prefix=prefix, topic_partitions=PARTITIONS)
     ensure_topics(settings)
@@ -218,7 +218,7 @@ def changelog_topics(bootstrap: str, group: str) -> set[str]:
 def declare_first(cmd: list[str], env: dict[str, str], log: Any, bootstrap: str, group: str,
                   tables: int = 5) -> None:
     """Run the worker until its ``tables`` changelog topics exist, then stop it (what a second start finds)."""
-    from heapsync.broker import die_with_parent, stop_process
+    from heapsync_dev.processes import die_with_parent, stop_process
 
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     try:
@@ -237,11 +237,11 @@ def declare_first(cmd: list[str], env: dict[str, str], log: Any, bootstrap: str,
 def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
     """Warm the worker up, then ``rounds`` times: the ceiling on a fresh topic, the worker on the pages topic."""
     from bench.brokers import broker_pid, cpu_seconds, idle_cpu_note, label, load_average, open_broker
-    from heapsync.broker import die_with_parent, stop_process
     from heapsync.contracts import PageRecord, delta_id_for
     from heapsync.kafka import ensure_topics
-    from heapsync.samples import heap_request
     from heapsync.settings import Settings
+    from heapsync_dev.processes import die_with_parent, stop_process
+    from heapsync_dev.samples import heap_request
 
     total_ids = PAGES * PER_PAGE
     results: list[tuple[float, float, float, float]] = []  # worker s, worker lag, ceiling s, ceiling lag
@@ -260,9 +260,9 @@ def bench_on(kind: str, rounds: int, declare: bool = False) -> None:
         profile = os.environ.get("BENCH_ASSEMBLER_PROFILE")  # a path: write the worker's cProfile there
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
         if declare:
-            declare_first([sys.executable, "-m", "heapsync.cli", "process"], env, worker_log, broker.bootstrap,
+            declare_first([sys.executable, "-m", "heapsync_ops.cli", "process"], env, worker_log, broker.bootstrap,
                           env["HEAPSYNC_PROCESSOR_GROUP"])
-        worker = subprocess.Popen([sys.executable, *wrap, "-m", "heapsync.cli", "process"], env=env,
+        worker = subprocess.Popen([sys.executable, *wrap, "-m", "heapsync_ops.cli", "process"], env=env,
                                   stdout=worker_log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         watcher = DeltaWatcher(broker.bootstrap, settings.topics.deltas)
         watcher.start()

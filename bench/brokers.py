@@ -27,7 +27,7 @@ def add_broker_argument(parser: argparse.ArgumentParser) -> None:
 def selected_brokers(choice: str | None, missing: list[str]) -> tuple[list[str], str | None]:
     """The brokers to run on, and the line to print when Kafka is left out by default.
 
-    ``missing`` is what :func:`heapsync.apache_kafka.missing_tools` returns; an explicit choice
+    ``missing`` is what :func:`heapsync_dev.apache_kafka.missing_tools` returns; an explicit choice
     wins (asking for Kafka without Java then fails at start, with the launcher's message).
     """
     choice = (choice or "").strip()
@@ -43,7 +43,7 @@ def selected_brokers(choice: str | None, missing: list[str]) -> tuple[list[str],
 
 def brokers_from_args(choice: str | None) -> list[str]:
     """Resolve ``--broker`` (or the environment) and print the skip line if there is one."""
-    from heapsync.apache_kafka import missing_tools
+    from heapsync_dev.apache_kafka import missing_tools
 
     kinds, note = selected_brokers(choice or os.environ.get(BROKERS_ENV), missing_tools())
     if note:
@@ -52,7 +52,7 @@ def brokers_from_args(choice: str | None) -> list[str]:
 
 
 def label(kind: str) -> str:
-    from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION
+    from heapsync_dev.apache_kafka import DEFAULT_KAFKA_VERSION
 
     return "Tansu (memory storage)" if kind == "tansu" else f"Apache Kafka {DEFAULT_KAFKA_VERSION} (1 KRaft node)"
 
@@ -61,12 +61,12 @@ def label(kind: str) -> str:
 def open_broker(kind: str, workdir: Path) -> Iterator[Any]:
     """A started broker of ``kind`` (``.bootstrap``), its log in ``workdir``; stopped on exit."""
     if kind == "tansu":
-        from heapsync.broker import EmbeddedBroker
+        from heapsync_dev.broker import EmbeddedBroker
 
         with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
             yield broker
         return
-    from heapsync.apache_kafka import KafkaCluster
+    from heapsync_dev.apache_kafka import KafkaCluster
 
     with KafkaCluster(nodes=1, log_dir=workdir) as cluster:
         yield cluster

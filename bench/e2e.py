@@ -136,7 +136,7 @@ async def post_all(url: str, plans: list[SyncPlan], concurrency: int) -> dict[st
     import aiohttp
     import orjson
 
-    from heapsync.samples import heap_request
+    from heapsync_dev.samples import heap_request
     from ingest.signature import heap_hash_header
 
     pages = interleave(plans)
@@ -235,7 +235,7 @@ def simulator_import_cpu(plans: list[SyncPlan], chunk: int, limit: int = 2_000_0
     """(CPU seconds, rows): the simulator's own ``_import_rows`` on the CSVs the sink renders for the same rows,
     in this process, without the job steps; at most ``limit`` rows (the caller scales linearly)."""
     from sinks import cordial_import
-    from sinks.cordial_simulator import CordialSimulator, Tenant
+    from heapsync_dev.cordial_simulator import CordialSimulator, Tenant
     from sinks.operations import Operation
 
     sim = CordialSimulator({ACCOUNT: API_KEY})
@@ -344,7 +344,7 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        from heapsync.broker import die_with_parent, free_port, wait_for_port
+        from heapsync_dev.processes import die_with_parent, free_port, wait_for_port
         from heapsync.kafka import ensure_topics
         from heapsync.settings import Settings
 
@@ -367,7 +367,7 @@ class Stack:
 
         def start(name: str, *args: str, **extra: str) -> None:
             log = open(self.workdir / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "heapsync.cli", *args],
+            self.procs[name] = subprocess.Popen([sys.executable, "-m", "heapsync_ops.cli", *args],
                                                 env={**self.env, **extra}, stdout=log, stderr=subprocess.STDOUT,
                                                 preexec_fn=die_with_parent)
 
@@ -403,7 +403,7 @@ class Stack:
         return {**{n: p.pid for n, p in self.procs.items()}, "broker": broker_pid(self.broker)}
 
     def stop(self) -> None:
-        from heapsync.broker import stop_process
+        from heapsync_dev.processes import stop_process
 
         for w in (getattr(self, "deltas", None), getattr(self, "progress", None)):
             if w is not None:

@@ -78,7 +78,7 @@ def make_requests(ids_per_page: int, count: int, kind: str = "accepted") -> list
 
     import orjson
 
-    from heapsync.samples import heap_request
+    from heapsync_dev.samples import heap_request
     from ingest.signature import heap_hash_header
 
     ts = int(time.time() * 1000)
@@ -186,14 +186,14 @@ def run_load(url: str, case: Case) -> dict[str, Any]:
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    from heapsync.broker import die_with_parent
+    from heapsync_dev.processes import die_with_parent
 
     return subprocess.Popen([sys.executable, *args], env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
                             preexec_fn=die_with_parent)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    from heapsync.broker import stop_process
+    from heapsync_dev.processes import stop_process
 
     return stop_process(proc, 30)
 
@@ -217,7 +217,7 @@ def fmt_refused(r: dict[str, Any], ceiling: dict[str, Any]) -> str:
 
 def bench_refused(quick: bool, env: dict[str, str], workdir: Path) -> dict[str, Any]:
     """Refused requests per second and CPU per refusal, interleaved with the bare handler's 10-id pages."""
-    from heapsync.broker import free_port, wait_for_port
+    from heapsync_dev.processes import free_port, wait_for_port
 
     scale = 0.3 if quick else 1.0
     rounds = 1 if quick else 3
@@ -227,7 +227,7 @@ def bench_refused(quick: bool, env: dict[str, str], workdir: Path) -> dict[str, 
     cases.append(Case(10, int(400 * scale), 10 * scale, 8, "bomb-wrong-signature"))  # each one is inflated and hashed
     bare_port, ingest_port = free_port(), free_port()
     bare = start(["-m", "bench.ingest", "bare", "--port", str(bare_port)], env, workdir / "bare-refused.log")
-    ingress = start(["-m", "heapsync.cli", "ingest", "--port", str(ingest_port)], env, workdir / "ingest-refused.log")
+    ingress = start(["-m", "heapsync_ops.cli", "ingest", "--port", str(ingest_port)], env, workdir / "ingest-refused.log")
     path = f"/heap/listMembership/{ACCOUNT}"
     ceilings: list[dict[str, Any]] = []
     measured: dict[str, list[dict[str, Any]]] = {c.kind: [] for c in cases}
@@ -286,9 +286,9 @@ def bench(quick: bool = False, only: str | None = None, kinds: tuple[str, ...] =
 
 def bench_on(kind: str, quick: bool, only: str | None, rounds: int | None, refused: bool) -> list[dict[str, Any]]:
     from bench.brokers import broker_pid, idle_cpu_note, label, load_average, open_broker
-    from heapsync.broker import free_port, wait_for_port
     from heapsync.kafka import ensure_topics
     from heapsync.settings import Settings
+    from heapsync_dev.processes import free_port, wait_for_port
 
     scale = 0.3 if quick else 1.0
     rounds = rounds or (1 if quick else 3)
@@ -313,7 +313,7 @@ def bench_on(kind: str, quick: bool, only: str | None, rounds: int | None, refus
             bare = start(["-m", "bench.ingest", "bare", "--port", str(bare_port)], env, workdir / "bare.log")
             profile = os.environ.get("BENCH_INGEST_PROFILE")  # a path: run the ingress under cProfile
             prefix_args = ["-m", "cProfile", "-o", f"{profile}.{case.ids_per_page}"] if profile else []
-            ingress = start([*prefix_args, "-m", "heapsync.cli", "ingest", "--port", str(ingest_port)], env,
+            ingress = start([*prefix_args, "-m", "heapsync_ops.cli", "ingest", "--port", str(ingest_port)], env,
                             workdir / "ingest.log")
             try:
                 wait_for_port("127.0.0.1", bare_port)

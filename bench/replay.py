@@ -12,13 +12,13 @@ from datetime import datetime, timezone
 import orjson
 from confluent_kafka import Producer
 
-from heapsync.broker import EmbeddedBroker
 from heapsync.contracts import PageRecord
 from heapsync.kafka import ensure_topics
-from heapsync.replay import Filter, run_replay
-from heapsync.samples import heap_request
 from heapsync.settings import Settings
 from heapsync.topic_reader import read_topic
+from heapsync_dev.broker import EmbeddedBroker
+from heapsync_dev.samples import heap_request
+from heapsync_ops.replay import Filter, run_replay
 
 RECORDS = 20_000
 

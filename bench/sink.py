@@ -42,10 +42,10 @@ from bench.brokers import (
     open_broker,
     run_each,
 )
-from heapsync.broker import die_with_parent, free_port, stop_process, wait_for_port
 from heapsync.contracts import Delta
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
+from heapsync_dev.processes import die_with_parent, free_port, stop_process, wait_for_port
 
 LATENCY = 0.01
 CHUNK = 5000
@@ -91,7 +91,7 @@ class Bench:
 
     def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "heapsync.cli", *args], env=self.env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "heapsync_ops.cli", *args], env=self.env, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.procs.append(proc)
         return proc

@@ -28,7 +28,7 @@ class _Lenient(BaseModel):
 
 
 # --------------------------------------------------------------------------
-# Heap's webhook payload (DESIGN.md, "The request")
+# Heap's webhook payload (docs/design.md, "Heap's request")
 # --------------------------------------------------------------------------
 
 
@@ -274,6 +274,64 @@ class AppliedChunk(BaseModel):
     removes: int
     dead_lettered: int = 0
     applied_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    discarded: bool = Field(False, description="True when an operator discarded the chunk held by the removal rail "
+                            "(`heapsync held discard`): recorded so a redelivery is not applied, but nothing was sent.")
+
+
+# --------------------------------------------------------------------------
+# The removal rail: per-list state of a sink (topic ``<prefix>.sink.lists``, compacted)
+# --------------------------------------------------------------------------
+
+
+class ListCount(BaseModel):
+    """Members of one list as counted from what the sink applied (key ``<sink>|count|<account>|<list>``).
+
+    An estimate: adds of contacts already in the list and removes of absent ones are counted too.
+    """
+
+    schema_version: Literal[1] = 1
+    sink: str
+    account: str
+    list_name: str
+    members: int = Field(ge=0)
+    writer: str = Field("", description="The sink process that wrote it (it ignores its own records when tailing).")
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class HeldChunk(BaseModel):
+    """A delta chunk the sink did not apply (key ``<sink>|held|<chunk_key>``; a tombstone once decided).
+
+    ``role`` "held": the first chunk of a delta the removal rail stopped (``reason`` says why);
+    "waiting": a later chunk of that list, kept behind the hold so the list's changes stay in order.
+    """
+
+    schema_version: Literal[1] = 1
+    sink: str
+    role: Literal["held", "waiting"]
+    seq: int = Field(description="Order of the list's held and waiting chunks (nanoseconds when first held).")
+    reason: str = ""
+    members: int | None = Field(None, description="The list's counted members when the rail held it.")
+    removes: int = Field(0, description="Removes the rail counted for the whole delta (a drain: the members).")
+    max_removal_fraction: float | None = None
+    hold_drains: bool = False
+    partition: int = Field(description="Partition of the deltas topic the chunk came from (its owner resolves it).")
+    offset: int
+    writer: str = ""
+    held_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    delta: Delta
+
+
+class HoldDecision(BaseModel):
+    """An operator's decision on a held delta (key ``<sink>|decision|<delta_id>``), written by
+    ``heapsync held release|discard``; the sink carries it out, then deletes it."""
+
+    schema_version: Literal[1] = 1
+    sink: str
+    delta_id: str
+    account: str
+    list_name: str
+    action: Literal["release", "discard"]
+    decided_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def delta_id_for(account: str, sync_key: str) -> str:

@@ -51,6 +51,18 @@ def client_config(bootstrap: str) -> dict[str, Any]:
     return {"bootstrap.servers": bootstrap, "logger": kafka_log}
 
 
+def java_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's Java clients and aiokafka (so the Faust worker) pick for ``key``: murmur2.
+
+    librdkafka's default partitioner hashes with CRC32 instead, so a confluent-kafka producer that
+    writes next to the worker (``heapsync dlq redrive`` re-driving a delta) names the partition
+    with this; else a list's re-driven change lands on another partition, out of order with it.
+    """
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 def min_insync_replicas(replication: int) -> int | None:
     """``min.insync.replicas`` for topics of ``replication`` copies; None leaves the broker's default.
 
@@ -77,6 +89,8 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     # refer to (deltas, dead letters), so they expire with the same retention.
     for name in (t.sink_progress, t.dlq_redrive):
         configs[name] = {**base, "cleanup.policy": "compact,delete"}
+    # One record per list (and per held chunk until decided): a hold must outlive the retention.
+    configs[t.sink_lists] = {**base, "cleanup.policy": "compact", "retention.ms": "-1"}
     return configs
 
 

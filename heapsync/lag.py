@@ -2,7 +2,7 @@
 
 ``heapsync_consumer_lag{group,topic,partition}``: records of the partition not yet done by the group
 (high watermark minus the offset the group has committed, or would commit next). The same
-definition as ``heapsync status`` (:func:`heapsync.status.lag_of`), so the alert and the CLI agree.
+definition as ``heapsync status`` (:func:`heapsync_ops.status.lag_of`), so the alert and the CLI agree.
 
 - The sink reports the partitions it is assigned, from its own commit bookkeeping and a watermark
   query made in its polling thread (``sinks/base.py``), every :data:`LAG_INTERVAL_SECONDS`.
@@ -15,11 +15,15 @@ One gauge for every process (defined once here), so the series have the same nam
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Gauge
+
+from heapsync.kafka import client_config
 
 LAG_INTERVAL_SECONDS = 30.0
 """How often lag is measured: well below the alert's ``for`` and Prometheus' staleness window (5 min)."""
@@ -62,6 +66,48 @@ def forget(labels: Iterable[tuple[str, str, str]]) -> None:
             pass
 
 
+class LagUnknown(Exception):
+    """The group's committed offsets could not be read (its coordinator is loading or unreachable)."""
+
+
+def committed_offsets(bootstrap: str, group: str, tps: list[Any], timeout: float) -> dict[int, int]:
+    """A group's committed offset per partition, waiting out a coordinator that is (re)loading.
+
+    On Apache Kafka the group coordinator loads its ``__consumer_offsets`` partition after a start
+    or a leader change and answers "not coordinator" or "load in progress" meanwhile: retried until
+    ``timeout``. Read with a consumer of the group that never joins it (OffsetFetch only), not the
+    admin API: librdkafka's ``list_consumer_group_offsets`` can crash the process (SIGSEGV) on
+    exactly those answers.
+    """
+    from confluent_kafka import Consumer, KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout
+    reader = Consumer({**client_config(bootstrap), "group.id": group, "enable.auto.commit": False})
+    try:
+        while True:
+            left = max(1.0, deadline - time.monotonic())
+            try:
+                return {tp.partition: tp.offset for tp in reader.committed(tps, timeout=left)}
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, KafkaError) else None
+                if code not in _coordinator_busy() or time.monotonic() >= deadline:
+                    raise LagUnknown(str(err or exc)) from exc
+            time.sleep(0.5)
+    finally:
+        reader.close()
+
+
+@functools.cache
+def _coordinator_busy() -> frozenset[int]:
+    """Answers that mean "ask again shortly": the coordinator is loading, moving or not reachable yet."""
+    from confluent_kafka import KafkaError
+
+    return frozenset({KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE,
+                      KafkaError.NOT_COORDINATOR, KafkaError.REQUEST_TIMED_OUT, KafkaError._TIMED_OUT,
+                      KafkaError._TRANSPORT, KafkaError._WAIT_COORD})
+
+
 class LagProbe:
     """Committed offsets and watermarks of one group on one topic, with clients kept between calls.
 
@@ -75,8 +121,6 @@ class LagProbe:
     def rows(self, group: str, topic: str) -> list[Row]:
         from confluent_kafka import Consumer, TopicPartition
 
-        from heapsync.kafka import client_config
-        from heapsync.status import LagUnknown, committed_offsets
 
         if self._probe is None:
             self._probe = Consumer({**client_config(self.bootstrap), "group.id": "heapsync-lag-probe",

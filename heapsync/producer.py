@@ -142,8 +142,9 @@ class LoopProducer:
 
     # ---- producing
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
-                   headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None) -> Message:
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+                   headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None,
+                   partition: int | None = None) -> Message:
         """Resolve when the broker acked; ``ProduceError`` if it refused; ``asyncio.TimeoutError`` after ``timeout``.
 
         The record may still be delivered after a timeout (at-least-once: the caller treats it as
@@ -170,7 +171,11 @@ class LoopProducer:
                 loop.call_soon_threadsafe(resolve)
 
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            if partition is None:  # the client's partitioner picks (librdkafka's default: CRC32 of the key)
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            else:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery,
+                                       partition=partition)
         except BufferError as exc:
             raise QueueFull() from exc
         except KafkaException as exc:
@@ -203,6 +208,13 @@ class LoopProducer:
 
     def list_topics(self, timeout: float = 2.0) -> set[str]:
         return set(self._producer.list_topics(timeout=timeout).topics)
+
+    def partition_count(self, topic: str, timeout: float = 10.0) -> int:
+        """How many partitions ``topic`` has (KafkaException if the broker does not say in time)."""
+        meta = self._producer.list_topics(topic, timeout=timeout).topics[topic]
+        if meta.error is not None:
+            raise KafkaException(meta.error)
+        return len(meta.partitions)
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -272,8 +284,9 @@ class ResilientProducer:
                 old.close(1.0)
         return self.current
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
-                   headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None) -> Message:
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None,
+                   headers: list[tuple[str, str | bytes | None]] | None = None, *, timeout: float | None = None,
+                   partition: int | None = None) -> Message:
         """``LoopProducer.send`` on the live producer.
 
         A fatal failure marks the producer for replacement and is raised as retriable: the next
@@ -281,7 +294,7 @@ class ResilientProducer:
         """
         producer = self.get()
         try:
-            return await producer.send(topic, value, key, headers, timeout=timeout)
+            return await producer.send(topic, value, key, headers, timeout=timeout, partition=partition)
         except ProduceError as exc:
             if not exc.fatal:
                 raise
@@ -299,3 +312,6 @@ class ResilientProducer:
 
     def list_topics(self, timeout: float = 2.0) -> set[str]:
         return self.current.list_topics(timeout)
+
+    def partition_count(self, topic: str, timeout: float = 10.0) -> int:
+        return self.current.partition_count(topic, timeout)

@@ -1,7 +1,7 @@
 """Settings in one place: environment variables (``HEAPSYNC_*``) and the accounts file.
 
 Every setting has a default that runs on one machine; production overrides
-them through the environment (see README, "Settings").
+them through the environment (see docs/settings.md).
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class Account(BaseModel):
     )
     max_concurrency: int = Field(8, ge=1)
     rate_limit_per_second: float = Field(50.0, gt=0)
+    max_removal_fraction: float | None = Field(
+        None, gt=0, le=1, description="Hold a sync that would remove more than this share of the list's current "
+        "members (the removal rail, sinks/rail.py); default: off."
+    )
+    hold_drains: bool = Field(False, description="Hold every drain of a list until an operator releases it.")
 
     @field_validator("heap_webhook_secrets", mode="before")
     @classmethod
@@ -88,6 +93,25 @@ class Account(BaseModel):
         if identity_field == "email":
             return "email"
         return self.cordial_identity_key or identity_field
+
+
+class RemovalRail(BaseModel):
+    """The effective removal rail of one list: what :func:`removal_rail_for` returns."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_removal_fraction: float | None = None
+    hold_drains: bool = False
+
+    @property
+    def on(self) -> bool:
+        return self.max_removal_fraction is not None or self.hold_drains
+
+
+def removal_rail_for(account: Account, segment_id: str) -> RemovalRail:
+    """The removal rail for one segment of ``account``: the account's keys (per-segment overrides plug in here)."""
+    del segment_id  # per-segment overrides: issue 14, section 2
+    return RemovalRail(max_removal_fraction=account.max_removal_fraction, hold_drains=account.hold_drains)
 
 
 def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
@@ -295,7 +319,7 @@ class Settings(BaseSettings):
     archive_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Rotate a file at this size.")
     archive_max_seconds: float = Field(3600.0, gt=0, description="Rotate a file at this age.")
 
-    # status page (ingest/status_page.py)
+    # status page (heapsync_ops/status_page.py)
     status_page_enabled: bool = True
     status_page_recent: int = Field(20, ge=1, description="Recent syncs kept per list on the status page.")
 

@@ -40,6 +40,11 @@ class Topics:
         return f"{self.prefix}.sink.progress"
 
     @property
+    def sink_lists(self) -> str:
+        """Compacted, never expired: per-list state of each sink (member counts, held chunks, hold decisions)."""
+        return f"{self.prefix}.sink.lists"
+
+    @property
     def dlq_redrive(self) -> str:
         """Compacted: one record per re-driven dead-letter entry (``heapsync dlq redrive``), so none is re-driven twice."""
         return f"{self.prefix}.dlq.redrive"
@@ -50,4 +55,4 @@ class Topics:
 
     def all(self) -> list[str]:
         return [self.pages, self.rejected, self.deltas, self.assembler_dlq, self.sink_dlq, self.sink_progress,
-                self.dlq_redrive]
+                self.dlq_redrive, self.sink_lists]

@@ -25,6 +25,7 @@ import re
 import time
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
@@ -39,7 +40,6 @@ from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, R
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
-from ingest.status_page import TAILER_KEY, add_status_routes
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -129,7 +129,7 @@ def page_record_bytes(account: str, request_id: str, received_at: datetime, body
     """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
 
     Equal to ``PageRecord(...).model_dump_json()`` when read back, without
-    re-serialising a body of thousands of ids (``tests/test_ingest_app.py`` checks it).
+    re-serialising a body of thousands of ids (``tests/ingest/test_app.py`` checks it).
     ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
     """
     head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
@@ -590,9 +590,8 @@ class Ingress:
         return json_response(200, {"status": "ready", "topics": wanted})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        tailer = request.app.get(TAILER_KEY)
-        if tailer is not None:  # the gauges for alerts come from the status reader: a scrape starts it
-            tailer.ensure_started()
+        for hook in request.app.get(SCRAPE_HOOKS, ()):  # e.g. the status page's reader starts on a first scrape
+            hook()
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -698,12 +697,23 @@ def create_app(settings: Settings, accounts: dict[str, Account], producers: Resi
     return app
 
 
-def create_admin_app(settings: Settings, ingress: Ingress) -> web.Application:
-    """The admin app of the same process: metrics, the OpenAPI document, the status page, and the probes."""
+AdminExtension = Callable[[web.Application, Settings], None]
+"""Adds routes to the admin app. The command that runs the ingress installs the operator status page
+this way (``heapsync_ops.status_page.add_status_routes``), so the stage imports no operator tool."""
+
+SCRAPE_HOOKS = web.AppKey("scrape_hooks", list[Callable[[], object]])
+"""Called on every ``/metrics`` scrape of the admin app, before the registry is read."""
+
+
+def create_admin_app(settings: Settings, ingress: Ingress,
+                     extensions: Sequence[AdminExtension] = ()) -> web.Application:
+    """The admin app of the same process: metrics, the OpenAPI document, the probes, and what ``extensions`` add."""
     app = web.Application(middlewares=[observe])
+    app[SCRAPE_HOOKS] = []
     app.router.add_get("/metrics", ingress.metrics)
     app.router.add_get("/openapi.json", ingress.openapi)
     app.router.add_get("/healthz", ingress.healthz)
     app.router.add_get("/readyz", ingress.readyz)
-    add_status_routes(app, settings)
+    for extend in extensions:
+        extend(app, settings)
     return app

@@ -1,7 +1,7 @@
 """The OpenAPI 3.0 document of the ingress, served at ``GET /openapi.json``.
 
 Written by hand so it says what Heap and an operator need to know (status codes,
-the signature header, Retry-After), and kept honest by ``tests/test_ingest_app.py``,
+the signature header, Retry-After), and kept honest by ``tests/ingest/test_app.py``,
 which checks its payload schemas against the pydantic models in ``heapsync.contracts``.
 """
 

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -20,7 +21,7 @@ from heapsync.kafka import ensure_topics
 from heapsync.producer import ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics
-from ingest.app import INGRESS_KEY, create_admin_app, create_app
+from ingest.app import INGRESS_KEY, AdminExtension, create_admin_app, create_app
 
 log = logging.getLogger("heapsync.ingest")
 
@@ -36,7 +37,7 @@ def producer(settings: Settings) -> ResilientProducer:
         on_replace=metrics.PRODUCER_RESTARTS.inc)
 
 
-def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
+def build(settings: Settings, accounts: dict[str, Account], admin: Sequence[AdminExtension] = ()) -> web.Application:
     producers = producer(settings)
     app = create_app(settings, accounts, producers)
 
@@ -51,17 +52,17 @@ def build(settings: Settings, accounts: dict[str, Account]) -> web.Application:
     app.on_shutdown.append(start_draining)
     app.on_cleanup.append(close_producer)
     if settings.admin_port:
-        add_admin_listener(app, settings)
+        add_admin_listener(app, settings, admin)
     return app
 
 
-def add_admin_listener(app: web.Application, settings: Settings) -> None:
+def add_admin_listener(app: web.Application, settings: Settings, admin: Sequence[AdminExtension] = ()) -> None:
     """Serve the admin app (``ingest.app.create_admin_app``) on its own address, started and stopped with ``app``.
 
     The public port then carries only what Heap and a load balancer need; metrics, the status
     page and the OpenAPI document stay on an address the operator chooses (loopback by default).
     """
-    runner = web.AppRunner(create_admin_app(settings, app[INGRESS_KEY]), access_log=None)
+    runner = web.AppRunner(create_admin_app(settings, app[INGRESS_KEY], admin), access_log=None)
 
     async def start_admin(_: web.Application) -> None:
         await runner.setup()
@@ -111,12 +112,13 @@ def event_loop() -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
-def run(settings: Settings, accounts: dict[str, Account]) -> None:
+def run(settings: Settings, accounts: dict[str, Account], admin: Sequence[AdminExtension] = ()) -> None:
+    """Serve the ingress until a signal; ``admin`` extends the admin app (the CLI adds the status page)."""
     try:
         ensure_topics(settings, timeout=10.0)
     except Exception as exc:  # noqa: BLE001 - the ingress still serves 503s while the broker is away
         log.warning("could not ensure topics", extra={"error": str(exc)})
-    app = build(settings, accounts)
+    app = build(settings, accounts, admin)
     tune_gc()
     log.info("ingress listening", extra={"host": settings.ingest_host, "port": settings.ingest_port,
                                         "accounts": len(accounts)})

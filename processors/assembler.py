@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Literal, MutableMapping
 
 import orjson
 
-from heapsync import dlq_parts
+from heapsync import dlq_parts, naming
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
 from processors import rules
 
@@ -531,7 +531,7 @@ class Assembler:
             account=meta["account"],
             segment_id=meta["segment_id"],
             segment_name=meta["segment_name"],
-            list_name=rules.list_name(meta["segment_name"]),
+            list_name=naming.list_name(meta["segment_name"]),
             identity_field=meta["identity_field"],
             kind=meta["kind"],
             sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,

@@ -7,7 +7,7 @@ How a sync becomes a delta:
 2. ``net_changes``: pages applied in page order; an id's last appearance wins.
 3. ``chunk_changes``: the net changes cut into chunks of at most N ids, in a
    deterministic order, so the same sync always gives the same chunks.
-4. ``list_name``: the Cordial list is the segment name with whitespace removed.
+4. the Cordial list is named by ``heapsync.naming.list_name``: the segment name with whitespace removed.
 
 Plus the small decisions around them: how a page is stored (``encode_page``),
 how a repeat is recognised (``digest``), which pages are missing, and the
@@ -17,21 +17,13 @@ expected page count when pages disagree on ``total_pages``.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 import orjson
 
-_WHITESPACE = re.compile(r"\s+")
-
 ADD = "add"
 REMOVE = "remove"
-
-
-def list_name(segment_name: str) -> str:
-    """'Heap Test Segment' -> 'HeapTestSegment' (Cordial's documented naming)."""
-    return _WHITESPACE.sub("", segment_name)
 
 
 @dataclass(frozen=True)

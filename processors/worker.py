@@ -6,7 +6,7 @@ each record to :class:`processors.assembler.Assembler`, and publishes what it
 returns. Table reads and writes happen only inside the agent's event, so they
 land in the event's partition (Faust's rule for changelogged tables).
 
-Delivery is at-least-once, without Faust's exactly_once (see DESIGN.md):
+Delivery is at-least-once, without Faust's exactly_once (docs/assembler.md, "State and crashes"):
 
 1. delta chunks are sent and *acknowledged* before the sync is marked done;
 2. the done marker is flushed to its changelog before the sync's pages are dropped;

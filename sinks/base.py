@@ -24,6 +24,10 @@ How the loop keeps at-least-once without letting one slow account block the rest
   what is not finished by then is cancelled. Only then are the applied chunks committed and the
   partitions given up, so an old owner's apply never lands after the new owner's newer deltas.
   A lost partition (already someone else's) is cancelled at once and not committed.
+- The removal rail (:mod:`heapsync.held`), when the runner is given ``rail_for``: a per-list member
+  count is kept from what was applied, and a delta that removes too much is held on the compacted
+  lists topic instead of applied; later chunks of that list wait there behind it, in order, until
+  ``heapsync held release|discard`` decides (the decision is carried out in the list's lane).
 - SIGTERM: stop reading, let running chunks finish for ``sink_shutdown_grace_seconds``,
   abandon the rest (not committed: redone on restart), commit, exit 0.
 """
@@ -46,12 +50,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from pydantic import ValidationError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
-from heapsync import lag
-from heapsync.contracts import AppliedChunk, Delta
+from heapsync import held, lag
+from heapsync.contracts import AppliedChunk, Delta, HeldChunk, HoldDecision, ListCount
 from heapsync.kafka import client_config
 from heapsync.producer import ProduceError, ResilientProducer
-from heapsync.settings import Settings
+from heapsync.settings import RemovalRail, Settings
 from sinks import metrics
+from sinks.lists_tail import Batch, ListsTail
 from sinks.offsets import AppliedChunks, Entry, PartitionProgress, record_time
 
 log = logging.getLogger("heapsync.sink")
@@ -107,7 +112,7 @@ def _log_retry(topic: str, state: RetryCallState) -> None:
                                                    "attempt": state.attempt_number})
 
 
-async def _send_retrying(producer: ResilientProducer, topic: str, value: bytes, key: bytes,
+async def _send_retrying(producer: ResilientProducer, topic: str, value: bytes | None, key: bytes,
                          give_up_after: float = 120.0) -> None:
     """A record we must not lose: retry a broker hiccup for a while, then raise (chunk redone later).
 
@@ -127,12 +132,13 @@ async def _send_retrying(producer: ResilientProducer, topic: str, value: bytes, 
 class _Item:
     """One message on its way through a lane."""
 
-    msg: Message
+    msg: Message | None
     delta: Delta | None
     progress: PartitionProgress
     entry: Entry
     error: ValidationError | None = None
     task: asyncio.Task[None] | None = None  # while it is being applied
+    resolve: str | None = None  # not a message: carry out decided holds of this lane's list
 
     @property
     def ops(self) -> int:
@@ -146,6 +152,8 @@ class _Item:
     @property
     def group(self) -> str | None:
         """Chunks with the same group may run together: chunks of one sync delta."""
+        if self.resolve is not None:
+            return None
         return self.delta.delta_id if self.delta is not None and self.delta.kind == "sync" else None
 
 
@@ -187,7 +195,7 @@ class SinkRunner:
     """Consumes the deltas topic for one sink; see the module doc for the delivery rules."""
 
     def __init__(self, sink: DeltaSink, settings: Settings, dead_letters: DeadLetters, *,
-                 group: str | None = None) -> None:
+                 group: str | None = None, rail_for: Callable[[Delta], RemovalRail] | None = None) -> None:
         self.sink = sink
         self.settings = settings
         self.group = group or f"heapsync-sink-{sink.name}"
@@ -208,6 +216,15 @@ class SinkRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._lag_series: set[tuple[str, str, str]] = set()
+        # the removal rail (heapsync/held.py); None: no counts, nothing held (e.g. the archive sink)
+        self.rail_for = rail_for
+        self.lists = held.ListsState(sink.name)
+        self._writer = uuid.uuid4().hex
+        self._tail: ListsTail | None = None
+        self._rail_sync: asyncio.Task[bool] | None = None
+        self._list_locks: dict[str, asyncio.Lock] = {}
+        self._resolving: set[str] = set()
+        self._held_series: set[str] = set()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -294,23 +311,210 @@ class SinkRunner:
         })
 
     async def _process(self, item: _Item) -> None:
+        if item.resolve is not None:
+            self._resolving.discard(item.resolve)  # a new decision may queue another from now on
         if item.progress.revoked:
             return  # the partition moved to another consumer, which reads it from the committed offset
+        if self._rail_sync is not None:
+            await asyncio.shield(self._rail_sync)  # a new owner knows the list's holds before it applies
+        if item.resolve is not None:
+            await self._resolve(item.resolve)
+            return
         delta = item.delta
         if delta is None:
+            assert item.msg is not None
             await self._dead_letter_unreadable(item.msg, item.error)
         elif delta.chunk_key in self.applied:
             metrics.CHUNKS.labels(self.sink.name, "repeated").inc()
             log.info("chunk already applied; skipped", extra={"delta_id": delta.delta_id, "chunk": delta.chunk,
                                                               "account": delta.account})
-        else:
-            started = time.monotonic()
-            result = await self.sink.apply(delta)
-            await self.record_applied(delta, result)
-            path = result.path if result else ("drain" if delta.kind == "drain" else "rest")
-            metrics.CHUNK_SECONDS.labels(self.sink.name, path).observe(time.monotonic() - started)
-            metrics.CHUNKS.labels(self.sink.name, "applied").inc()
+        elif self.lists.is_pending(delta.chunk_key):
+            metrics.CHUNKS.labels(self.sink.name, "repeated").inc()
+            log.info("chunk already held; skipped", extra={"delta_id": delta.delta_id, "chunk": delta.chunk,
+                                                           "account": delta.account})
+        elif self.rail_for is None or not await self._hold_if_needed(item, delta):
+            await self._apply(delta)
         item.entry.done = True
+
+    async def _apply(self, delta: Delta) -> None:
+        started = time.monotonic()
+        result = await self.sink.apply(delta)
+        await self.record_applied(delta, result)
+        if self.rail_for is not None:
+            await self._count(delta)
+        path = result.path if result else ("drain" if delta.kind == "drain" else "rest")
+        metrics.CHUNK_SECONDS.labels(self.sink.name, path).observe(time.monotonic() - started)
+        metrics.CHUNKS.labels(self.sink.name, "applied").inc()
+
+    # -- the removal rail (heapsync/held.py) ------------------------------------------------
+
+    def _lock_for(self, delta: Delta) -> asyncio.Lock:
+        """One rail decision at a time per list: chunks of one delta run together, and the second must
+        see the first one held."""
+        return self._list_locks.setdefault(lane_key(delta), asyncio.Lock())
+
+    async def _hold_if_needed(self, item: _Item, delta: Delta) -> bool:
+        """Hold the chunk (or put it behind the list's hold); False: apply it."""
+        async with self._lock_for(delta):
+            key = (delta.account, delta.list_name)
+            if self.lists.pending.get(key):
+                await self._put_held(item, delta, "waiting")
+                return True
+            reason = self._rail_reason(delta)
+            if reason is None:
+                return False
+            await self._put_held(item, delta, "held", reason)
+            return True
+
+    def _rail_reason(self, delta: Delta) -> str | None:
+        """Only a delta's first chunk is checked: the rest follow it (held behind it, or applied)."""
+        if delta.chunk != 1 or self.rail_for is None:
+            return None
+        rail = self.rail_for(delta)
+        if not rail.on:
+            return None
+        members = self.lists.counts.get((delta.account, delta.list_name), 0)
+        return held.hold_reason(members, delta.kind, held.estimated_removes(delta), rail)
+
+    async def _put_held(self, item: _Item, delta: Delta, role: str, reason: str = "") -> None:
+        key = (delta.account, delta.list_name)
+        members = self.lists.counts.get(key, 0)
+        rail = self.rail_for(delta) if self.rail_for is not None else RemovalRail()
+        offset = item.msg.offset() if item.msg is not None else -1
+        chunk = HeldChunk(
+            sink=self.sink.name, role="held" if role == "held" else "waiting",
+            seq=self.lists.next_seq(key, time.time_ns()), reason=reason, members=members,
+            removes=members if delta.kind == "drain" else held.estimated_removes(delta),
+            max_removal_fraction=rail.max_removal_fraction, hold_drains=rail.hold_drains,
+            partition=item.progress.partition, offset=offset if offset is not None else -1,
+            writer=self._writer, delta=delta)
+        await self._write_held(chunk)
+        metrics.CHUNKS.labels(self.sink.name, role).inc()
+        log.warning("delta held by the removal rail" if role == "held" else "chunk waits behind a held delta",
+                    extra={"delta_id": delta.delta_id, "chunk": delta.chunk, "account": delta.account,
+                           "list_name": delta.list_name, "reason": reason or None})
+        self._export_held()
+
+    async def _write_held(self, chunk: HeldChunk) -> None:
+        await _send_retrying(self.producer, self.settings.topics.sink_lists, chunk.model_dump_json().encode(),
+                             held.held_key(self.sink.name, chunk.delta.chunk_key).encode())
+        self.lists.put(chunk)
+
+    async def _drop_held(self, chunk_key: str) -> None:
+        await _send_retrying(self.producer, self.settings.topics.sink_lists, None,
+                             held.held_key(self.sink.name, chunk_key).encode())
+        self.lists.drop(chunk_key)
+
+    async def _count(self, delta: Delta) -> None:
+        key = (delta.account, delta.list_name)
+        members = held.members_after(self.lists.counts.get(key, 0), delta)
+        self.lists.counts[key] = members
+        record = ListCount(sink=self.sink.name, account=delta.account, list_name=delta.list_name, members=members,
+                           writer=self._writer)
+        await _send_retrying(self.producer, self.settings.topics.sink_lists, record.model_dump_json().encode(),
+                             held.count_key(self.sink.name, delta.account, delta.list_name).encode())
+
+    async def _resolve(self, lane: str) -> None:
+        """Carry out the decisions on this list's holds, in order: a released hold is applied, a discarded
+        one recorded as discarded; then the chunks that waited behind it go through the rail again
+        (applied, or the first one that trips it becomes the new hold)."""
+        account, _, list_name = lane.partition(":")
+        key = (account, list_name)
+        while queue := self.lists.queue(key):
+            head = queue[0]
+            if head.role == "held":
+                decision = self.lists.decisions.get(head.delta.delta_id)
+                if decision is None:
+                    return  # still held
+                for chunk in [c for c in queue if c.delta.delta_id == head.delta.delta_id]:
+                    if decision.action == "release":
+                        if chunk.delta.chunk_key not in self.applied:
+                            await self._apply(chunk.delta)
+                    else:
+                        await self._record_discarded(chunk.delta)
+                    await self._drop_held(chunk.delta.chunk_key)
+                await self._forget_decision(decision)
+                log.warning("held delta released: applied" if decision.action == "release"
+                            else "held delta discarded: not applied",
+                            extra={"delta_id": head.delta.delta_id, "account": account, "list_name": list_name})
+                continue
+            reason = None if head.delta.chunk_key in self.applied else self._rail_reason(head.delta)
+            if reason is not None:
+                members = self.lists.counts.get(key, 0)
+                await self._write_held(head.model_copy(update={
+                    "role": "held", "reason": reason, "members": members, "writer": self._writer,
+                    "removes": members if head.delta.kind == "drain" else held.estimated_removes(head.delta)}))
+                metrics.CHUNKS.labels(self.sink.name, "held").inc()
+                log.warning("delta held by the removal rail", extra={
+                    "delta_id": head.delta.delta_id, "account": account, "list_name": list_name, "reason": reason})
+                break
+            if head.delta.chunk_key not in self.applied:
+                await self._apply(head.delta)
+            await self._drop_held(head.delta.chunk_key)
+        self._export_held()
+
+    async def _record_discarded(self, delta: Delta) -> None:
+        """Every chunk of a discarded delta is recorded as done, so a late or redelivered one is not applied."""
+        for n in range(1, delta.chunks + 1):
+            chunk = delta.model_copy(update={"chunk": n})
+            if chunk.chunk_key in self.applied:
+                continue
+            record = AppliedChunk(
+                sink=self.sink.name, chunk_key=chunk.chunk_key, delta_id=delta.delta_id, chunk=n, chunks=delta.chunks,
+                account=delta.account, list_name=delta.list_name, segment_id=delta.segment_id,
+                sync_task_id=delta.sync_task_id, kind=delta.kind, complete=delta.complete, adds=0, removes=0,
+                discarded=True)
+            await _send_retrying(self.producer, self.settings.topics.sink_progress, record.model_dump_json().encode(),
+                                 progress_key(self.sink.name, chunk.chunk_key).encode())
+            now = time.time()
+            self.applied.add(chunk.chunk_key, now, now)
+        metrics.CHUNKS.labels(self.sink.name, "discarded").inc()
+
+    async def _forget_decision(self, decision: HoldDecision) -> None:
+        await _send_retrying(self.producer, self.settings.topics.sink_lists, None,
+                             held.decision_key(self.sink.name, decision.delta_id).encode())
+        self.lists.decisions.pop(decision.delta_id, None)
+
+    def _on_lists(self, batch: Batch) -> None:
+        """Records read back from the lists topic (on the event loop): other replicas' and operators'."""
+        for key, value in batch:
+            self.lists.feed(key, value, skip_writer=self._writer)
+        self._schedule_resolves()
+        self._export_held()
+
+    def _schedule_resolves(self) -> None:
+        """Queue a resolve in the lane of every list whose hold was decided, when this replica owns its partition."""
+        for key in list(self.lists.pending):
+            queue = self.lists.queue(key)
+            if not queue:
+                continue
+            head = queue[0]
+            if head.role == "held" and head.delta.delta_id not in self.lists.decisions:
+                continue
+            lane = lane_key(head.delta)
+            progress = self._progress.get((self.settings.topics.deltas, head.partition))
+            if progress is None or progress.revoked or lane in self._resolving:
+                continue
+            self._resolving.add(lane)
+            self._enqueue_item(lane, _Item(None, None, progress, Entry(-1), resolve=lane))
+
+    def _export_held(self) -> None:
+        counts = self.lists.held_count()
+        for account in self._held_series - set(counts):
+            metrics.HELD.labels(self.sink.name, account).set(0)
+        for account, n in counts.items():
+            metrics.HELD.labels(self.sink.name, account).set(n)
+        self._held_series |= set(counts)
+
+    async def _sync_lists(self) -> bool:
+        ok = await self._tail.sync() if self._tail is not None else True
+        self._schedule_resolves()
+        self._export_held()
+        return ok
+
+    def _resync_after_assign(self) -> None:
+        if self._tail is not None:
+            self._rail_sync = asyncio.ensure_future(self._sync_lists())
 
     async def _run_lane(self, key: str, lane: _Lane) -> None:
         try:
@@ -356,7 +560,9 @@ class SinkRunner:
             progress = self._progress[tp] = PartitionProgress(topic, partition)
         delta, error = self.decode(msg)
         item = _Item(msg, delta, progress, progress.track(offset), error)
-        key = lane_key(delta) if self._concurrent else "~serial"
+        self._enqueue_item(lane_key(delta) if self._concurrent else "~serial", item)
+
+    def _enqueue_item(self, key: str, item: _Item) -> None:
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane()
@@ -371,6 +577,8 @@ class SinkRunner:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._progress[(tp.topic, tp.partition)] = PartitionProgress(tp.topic, tp.partition)
+        if self._tail is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._resync_after_assign)
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -543,6 +751,10 @@ class SinkRunner:
                 loop.add_signal_handler(sig, self.stop)
         _serve_metrics_once(self.settings.metrics_port)
         known = await loop.run_in_executor(None, self.load_progress)
+        if self.rail_for is not None:
+            self._tail = ListsTail(self.settings.kafka_bootstrap, self.settings.topics.sink_lists, self._on_lists)
+            self._tail.start(loop)
+            await self._sync_lists()
         consumer = self._consumer = Consumer(self._consumer_config())
         self._loop, self._loop_thread = loop, threading.get_ident()
         consumer.subscribe([self.settings.topics.deltas], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -594,9 +806,15 @@ class SinkRunner:
             # close() calls the revoke callback: in the polling thread, like every rebalance
             await asyncio.get_running_loop().run_in_executor(poller, consumer.close)
             poller.shutdown(wait=True)
+            if self._tail is not None:
+                await loop_stop(self._tail)
             await self.sink.close()
             self.producer.close()
             log.info("sink stopped", extra={"sink": self.sink.name})
+
+
+async def loop_stop(tail: ListsTail) -> None:
+    await asyncio.get_running_loop().run_in_executor(None, tail.stop)
 
 
 _metrics_served = False
@@ -610,9 +828,9 @@ def _serve_metrics_once(port: int | None) -> None:
 
 
 def make_runner(sink_factory: Callable[[DeadLetters], DeltaSink], settings: Settings, *,
-                group: str | None = None) -> SinkRunner:
+                group: str | None = None, rail_for: Callable[[Delta], RemovalRail] | None = None) -> SinkRunner:
     """Wire a sink to its dead-letter publisher and the Kafka loop."""
     dead_letters = DeadLetters(ResilientProducer.connect(settings.kafka_bootstrap), settings.topics.sink_dlq, "sink")
     sink = sink_factory(dead_letters)
     dead_letters.sink_name = sink.name
-    return SinkRunner(sink, settings, dead_letters, group=group)
+    return SinkRunner(sink, settings, dead_letters, group=group, rail_for=rail_for)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from heapsync.contracts import Delta
-from heapsync.settings import Account, AccountError, Settings
+from heapsync.settings import Account, AccountError, RemovalRail, Settings, removal_rail_for
 from sinks import metrics, operations
 from sinks.base import ChunkResult, DeadLetters, SinkRunner, make_runner
 from sinks.cordial_bulk import BulkImporter
@@ -123,5 +124,14 @@ class CordialSink:
         return dead
 
 
+def rail_for(accounts: dict[str, Account]) -> Callable[[Delta], RemovalRail]:
+    """The removal rail of a delta's list, from the accounts file (off for an unknown account: it is dead-lettered)."""
+    def rail(delta: Delta) -> RemovalRail:
+        account = accounts.get(delta.account)
+        return removal_rail_for(account, delta.segment_id) if account is not None else RemovalRail()
+    return rail
+
+
 def build_runner(settings: Settings, accounts: dict[str, Account]) -> SinkRunner:
-    return make_runner(lambda dl: CordialSink(settings, accounts, dl), settings, group=settings.sink_group)
+    return make_runner(lambda dl: CordialSink(settings, accounts, dl), settings, group=settings.sink_group,
+                       rail_for=rail_for(accounts))

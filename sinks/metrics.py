@@ -28,13 +28,18 @@ RETRIES = Counter(
 DEAD_LETTERS = Counter("heapsync_sink_dead_letters_total", "Records sent to the sink dead-letter topic.",
                        ["sink", "reason"])
 PAUSED = Gauge("heapsync_sink_account_paused", "1 while Cordial refuses the account's key (401/403).", ["account"])
-CHUNKS = Counter("heapsync_sink_chunks_total", "Delta chunks handled, by result (applied, repeated, unreadable).",
+CHUNKS = Counter("heapsync_sink_chunks_total",
+                 "Delta chunks handled, by result (applied, repeated, unreadable, held, waiting, discarded).",
                  ["sink", "result"])
 CHUNK_SECONDS = Histogram(
     "heapsync_sink_chunk_apply_seconds", "Time to apply one delta chunk, by path (rest, bulk, drain).",
     ["sink", "path"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
 IMPORTS = Counter("heapsync_sink_imports_total", "Contact imports, by final job status.", ["account", "status"])
+HELD = Gauge(
+    "heapsync_sink_held_deltas", "Deltas the removal rail holds until `heapsync held release|discard` (every "
+    "replica of a sink reports all of them: take the max).", ["sink", "account"],
+)
 INFLIGHT = Gauge("heapsync_sink_inflight_chunks", "Delta chunks read from Kafka and not yet applied.", ["sink"])
 INFLIGHT_IDS = Gauge("heapsync_sink_inflight_ids", "Operations in the delta chunks read and not yet applied.",
                      ["sink"])

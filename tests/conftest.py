@@ -27,10 +27,11 @@ import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
-from heapsync.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaCluster, KafkaUnavailable, missing_tools
-from heapsync.broker import EmbeddedBroker, die_with_parent, free_port, stop_process, wait_for_port
+from heapsync_dev.apache_kafka import DEFAULT_KAFKA_VERSION, KafkaCluster, KafkaUnavailable, missing_tools
+from heapsync_dev.broker import EmbeddedBroker
+from heapsync_dev.cordial_simulator import CordialSimulator, SimConfig
+from heapsync_dev.processes import die_with_parent, free_port, stop_process, wait_for_port
 from ingest.signature import heap_hash_header
-from sinks.cordial_simulator import CordialSimulator, SimConfig
 
 # Speed is measured in benchmarks, not tests: on a loaded 2-core machine a slow example is not a failure.
 hypothesis_settings.register_profile("heapsync", deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -225,7 +226,7 @@ class Pipeline:
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}-{len(self.procs)}.log"
         popen = subprocess.Popen(
-            [sys.executable, "-m", "heapsync.cli", *args], env=env or self.env(),
+            [sys.executable, "-m", "heapsync_ops.cli", *args], env=env or self.env(),
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
         )
         proc = Proc(name, popen, log)

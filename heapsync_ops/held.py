@@ -1,0 +1,78 @@
+"""``heapsync held``: list, show, release and discard the deltas the removal rail holds.
+
+Reads the sink's compacted lists topic (:mod:`heapsync.held`); a decision is one
+:class:`HoldDecision` record on it, which the sink owning the list's partition carries out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from heapsync.contracts import HoldDecision
+from heapsync.held import ListsState, decision_key
+from heapsync.topic_reader import read_topic
+
+
+class HoldError(ValueError):
+    """The delta is not held (unknown, already decided, or waiting behind another hold)."""
+
+
+def load_state(settings: Any, sink: str = "cordial") -> ListsState:
+    state = ListsState(sink)
+    for record in read_topic(settings.kafka_bootstrap, settings.topics.sink_lists, idle_timeout=10.0):
+        if record.key is not None:
+            state.feed(record.key.decode("utf-8", "replace"), record.value)
+    return state
+
+
+def find(state: ListsState, delta_id: str) -> dict[str, Any]:
+    """The hold of ``delta_id`` (a prefix of at least 6 characters is enough), with what waits behind it."""
+    rows = [r for r in state.holds() if r["delta_id"] == delta_id
+            or (len(delta_id) >= 6 and r["delta_id"].startswith(delta_id))]
+    if len(rows) > 1:
+        raise HoldError(f"{delta_id!r} matches {len(rows)} held deltas; give more of the id")
+    if not rows:
+        for queue in state.pending.values():
+            for chunk in queue.values():
+                if chunk.delta.delta_id.startswith(delta_id):
+                    heads = [r["delta_id"] for r in state.holds()
+                             if (r["account"], r["list_name"]) == (chunk.delta.account, chunk.delta.list_name)]
+                    raise HoldError(f"delta {chunk.delta.delta_id} is not held itself: it waits behind "
+                                    f"{', '.join(heads) or 'a hold being carried out'}; decide that one first")
+        raise HoldError(f"no held delta {delta_id!r} (see `heapsync held list`)")
+    row = dict(rows[0])
+    row["waiting_detail"] = state.waiting_behind(row["delta_id"])
+    return row
+
+
+def outcome(row: dict[str, Any], action: str) -> str:
+    """What the decision does, in one sentence, for the operator."""
+    waiting = len(row["waiting_deltas"])
+    behind = (f"then the {waiting} delta(s) waiting behind it are applied in order, each checked by the rail again"
+              if waiting else "nothing waits behind it")
+    if action == "release":
+        return f"the sink applies delta {row['delta_id']} to {row['list_name']}; {behind}"
+    return f"delta {row['delta_id']} is dropped: never applied to {row['list_name']}; {behind}"
+
+
+def decide(settings: Any, delta_id: str, action: str, sink: str = "cordial") -> dict[str, Any]:
+    """Write the decision on the lists topic; the sink owning the list carries it out."""
+    from heapsync.producer import ResilientProducer
+
+    state = load_state(settings, sink)
+    row = find(state, delta_id)
+    if row["decision"] is not None:
+        raise HoldError(f"delta {row['delta_id']} already has a decision ({row['decision']}); the sink is carrying "
+                        "it out")
+    decision = HoldDecision(sink=sink, delta_id=row["delta_id"], account=row["account"], list_name=row["list_name"],
+                            action="release" if action == "release" else "discard")
+    producer = ResilientProducer.connect(settings.kafka_bootstrap)
+    try:
+        producer.send_nowait(settings.topics.sink_lists, decision.model_dump_json().encode(),
+                             decision_key(sink, row["delta_id"]).encode())
+        if producer.flush(30) != 0:
+            raise HoldError("the decision could not be written to the broker; nothing was decided")
+    finally:
+        producer.close()
+    return {"delta_id": row["delta_id"], "account": row["account"], "list_name": row["list_name"],
+            "action": decision.action, "waiting_deltas": row["waiting_deltas"], "outcome": outcome(row, action)}

@@ -1,0 +1,187 @@
+"""``heapsync status``: what an operator asks first during an incident.
+
+- consumer lag per group and partition (the assembler group on the pages topic,
+  each sink group on the deltas topic): how far behind each stage is;
+- open syncs: read from the assembler's ``syncs`` table changelog
+  (``<processor_group>-syncs-changelog``), pages received of total and age;
+- dead letters not yet re-driven, counted by reason;
+- the last applied sync per list and sink (the sink progress topic).
+
+The summaries are pure functions over plain records (tested directly); only
+:func:`gather` talks to Kafka. Reading is tolerant: the assembler's metadata may
+grow or change shape (``received`` as a list of page numbers or as a counter).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from heapsync.kafka import client_config
+from heapsync.lag import LagUnknown, committed_offsets, partition_lag
+from heapsync.topic_reader import Record, latest_by_key, read_topic
+
+NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+    lag: int
+
+
+def lag_of(committed: int | None, low: int, high: int) -> int:
+    """Records the group still has to read; with nothing committed it starts at the earliest record."""
+    return partition_lag(high, committed, low)
+
+
+def syncs_changelog(processor_group: str) -> str:
+    """Faust names a table's changelog ``<app id>-<table>-changelog``; the app id is the processor group."""
+    return f"{processor_group}-syncs-changelog"
+
+
+def pages_received(meta: dict[str, Any]) -> int:
+    """Pages in so far, whether the assembler keeps a list of page numbers or a counter."""
+    for key in ("received", "received_pages", "pages_received", "received_count"):
+        value = meta.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple, set)):
+            return len(set(value))
+        if isinstance(value, dict):
+            return len(value)
+    return 0
+
+
+def open_syncs(latest: dict[bytes, Record], now: float) -> list[dict[str, Any]]:
+    """Open syncs from the latest changelog value per key, oldest first."""
+    out = []
+    for key, rec in latest.items():
+        try:
+            meta = orjson.loads(rec.value or b"null")
+            name = orjson.loads(key)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(meta, dict):
+            continue
+        started = meta.get("started_at")
+        started = float(started) if isinstance(started, (int, float)) else rec.timestamp_ms / 1000
+        out.append({
+            "sync": name if isinstance(name, str) else str(name),
+            "account": meta.get("account"),
+            "segment_id": meta.get("segment_id"),
+            "segment_name": meta.get("segment_name"),
+            "kind": meta.get("kind", "sync"),
+            "replay_id": meta.get("replay_id"),
+            "pages_received": pages_received(meta),
+            "total_pages": meta.get("total_pages"),
+            "age_seconds": round(max(0.0, now - started), 1),
+        })
+    return sorted(out, key=lambda s: -s["age_seconds"])
+
+
+def last_applied(records: Iterable[Record]) -> list[dict[str, Any]]:
+    """The latest applied chunk per sink and list, from AppliedChunk records."""
+    latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for rec in records:
+        try:
+            doc = orjson.loads(rec.value or b"null")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict) or "list_name" not in doc:
+            continue
+        k = (str(doc.get("sink", "?")), str(doc.get("account", "?")), str(doc["list_name"]))
+        prev = latest.get(k)
+        if prev is None or str(doc.get("applied_at", "")) >= str(prev.get("applied_at", "")):
+            latest[k] = doc
+    return [
+        {"sink": s, "account": a, "list_name": lst, "sync_task_id": d.get("sync_task_id"),
+         "delta_id": d.get("delta_id"), "chunk": f"{d.get('chunk', '?')}/{d.get('chunks', '?')}",
+         "adds": d.get("adds"), "removes": d.get("removes"), "dead_lettered": d.get("dead_lettered", 0),
+         "complete": d.get("complete"), "applied_at": d.get("applied_at")}
+        for (s, a, lst), d in sorted(latest.items())
+    ]
+
+
+# -- shell ----------------------------------------------------------------------
+
+
+def consumer_groups(settings: Any) -> dict[str, str]:
+    """Group -> the topic it consumes."""
+    groups = {settings.processor_group: settings.topics.pages, settings.sink_group: settings.topics.deltas}
+    archive = getattr(settings, "archive_group", None)
+    if archive:
+        groups[archive] = settings.topics.deltas
+    return groups
+
+
+def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
+    """Lag per group and partition, and the groups whose committed offsets could not be read (with why)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({**client_config(settings.kafka_bootstrap), "group.id": "heapsync-status-probe",
+                      "enable.auto.commit": False})
+    rows: list[PartitionLag] = []
+    unknown: dict[str, str] = {}
+    required = {settings.processor_group, settings.sink_group}
+    try:
+        for group, topic in consumer_groups(settings).items():
+            meta = probe.list_topics(topic, timeout=timeout).topics.get(topic)
+            if meta is None or meta.error is not None:
+                continue
+            tps = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+            try:
+                committed = committed_offsets(settings.kafka_bootstrap, group, tps, timeout)
+            except LagUnknown as exc:
+                # a lag computed without the committed offsets would be the whole topic: say so instead
+                if group in required:
+                    unknown[group] = str(exc)
+                continue
+            if group not in required and not any(c is not None and c >= 0 for c in committed.values()):
+                continue  # an optional consumer (e.g. the archive sink) that has never run here
+            for tp in tps:
+                low, high = probe.get_watermark_offsets(tp, timeout=timeout)
+                c = committed.get(tp.partition)
+                c = None if c is None or c < 0 else c
+                rows.append(PartitionLag(group, topic, tp.partition, c, high, lag_of(c, low, high)))
+    finally:
+        probe.close()
+    return rows, unknown
+
+
+def gather(settings: Any) -> dict[str, Any]:
+    from heapsync_ops import dlq
+
+    now = time.time()
+    lag, lag_unknown = group_lag(settings)
+    totals: dict[str, int] = {}
+    for row in lag:
+        totals[row.group] = totals.get(row.group, 0) + row.lag
+    changelog = latest_by_key(read_topic(settings.kafka_bootstrap, syncs_changelog(settings.processor_group),
+                                         idle_timeout=10.0))
+    entries = dlq.load(settings)
+    marks = dlq.load_marks(settings)
+    applied = last_applied(read_topic(settings.kafka_bootstrap, settings.topics.sink_progress, idle_timeout=10.0))
+    from heapsync_ops.held import load_state
+
+    holds = load_state(settings).holds()
+    return {
+        "at": now,
+        "lag": [row.__dict__ for row in lag],
+        "lag_total": totals,
+        "lag_unknown": lag_unknown,
+        "open_syncs": open_syncs(changelog, now),
+        "dead_letters": dlq.counts_by_reason(entries, marks),
+        "last_applied": applied,
+        "held": holds,
+    }

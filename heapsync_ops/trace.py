@@ -1,0 +1,480 @@
+"""``heapsync trace <contact id>``: why is this contact (not) in the list?
+
+Reads three topics (no consumer group, :mod:`heapsync.topic_reader`) and answers for one contact:
+
+- the deltas topic (within its retention): every chunk whose ``add`` or ``remove`` holds the contact,
+  and the drains of the lists it appears in (a drain empties the list);
+- the sink progress topic (``AppliedChunk`` per sink and ``chunk_key``): when each chunk was applied;
+- the sink dead-letter topic and the re-drive marks: the contact's operations that failed for good,
+  why, and whether (under which replay id) they were re-driven.
+
+Per list, in the order a sink meets them (:func:`apply_order`: a list's deltas share a key, so normally
+one partition and its offset order), each change gets one outcome for the chosen sink:
+
+- ``applied``: the first copy of a chunk with a progress record, at its ``applied_at``;
+- ``repeat``: a later copy of a chunk already applied (the sink skips it: at-least-once delivery);
+- ``dead-lettered``: the contact's operation failed for good (with the reason, Cordial's status
+  and, once re-driven, the replay id; the re-driven change is a row of its own, later);
+- ``held`` (the removal rail stopped it, issue 14 §1), ``waiting`` (a later chunk of the list kept
+  behind that hold), ``discarded`` (an operator discarded the hold: nothing sent); a released hold is
+  ``applied`` with "held ..., released" in its detail (:func:`held_states`, from the rail's compacted
+  ``<prefix>.sink.lists`` topic, and the ``discarded`` flag of the progress record);
+- ``pending``: on the topic but not applied yet (the sink is behind).
+
+Emails are personal data: only the asked contact's own entries are kept; nothing else from a chunk
+or a dead letter (other ids, other contacts' Cordial answers) reaches the output, and nothing is logged.
+Email ids match the way Cordial compares them (trimmed, lower-cased); other identities exactly.
+
+Everything but :func:`gather` is pure.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import orjson
+
+from heapsync.topic_reader import Record, latest_by_key
+
+Change = Literal["add", "remove", "drain"]
+Outcome = Literal["applied", "repeat", "dead-lettered", "held", "waiting", "discarded", "pending"]
+DETAIL_MAX_CHARS = 200
+
+
+def normalise(contact: str) -> str:
+    """An email the way Cordial compares it: trimmed, lower-cased."""
+    return contact.strip().lower()
+
+
+def is_email_identity(identity: str | None) -> bool:
+    """The pipeline's rule (``Account.identity_key``): ids are emails when the identity field is ``email``."""
+    return (identity or "email") == "email"
+
+
+def same_contact(asked: str, recorded: str, identity: str | None) -> bool:
+    """Email identities compare trimmed and lower-cased; any other identity key exactly."""
+    if is_email_identity(identity):
+        return normalise(asked) == normalise(recorded)
+    return asked == recorded
+
+
+def _when(value: Any, fallback_ms: int | None = None) -> datetime | None:
+    if isinstance(value, str):
+        try:
+            at = datetime.fromisoformat(value)
+            return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+    if fallback_ms is not None and fallback_ms >= 0:
+        return datetime.fromtimestamp(fallback_ms / 1000, timezone.utc)
+    return None
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat(timespec="seconds") if at is not None else None
+
+
+@dataclass(frozen=True)
+class Filter:
+    """What the operator narrowed the trace to (``--account``, ``--list``: a list name or segment id)."""
+
+    account: str | None = None
+    list_name: str | None = None
+
+    def wants(self, account: str, list_name: str, segment_id: str) -> bool:
+        if self.account is not None and account != self.account:
+            return False
+        return self.list_name is None or self.list_name in (list_name, segment_id)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One copy of a delta chunk on the deltas topic that touches the contact (or drains its list)."""
+
+    account: str
+    list_name: str
+    segment_id: str
+    change: Change
+    contact: str | None  # as Heap sent it (a case variant of the asked email, say); None for a drain
+    sync_task_id: str | None
+    replay_id: str | None
+    delta_id: str
+    chunk: int
+    chunks: int
+    chunk_key: str
+    complete: bool
+    emitted_at: datetime | None
+    partition: int
+    offset: int
+    written_ms: int = 0  # the record's timestamp: when it reached the deltas topic
+
+    @property
+    def list_key(self) -> tuple[str, str]:
+        return self.account, self.list_name
+
+
+def _chunk_key(doc: Mapping[str, Any]) -> str:
+    base = f"{doc.get('delta_id')}:{doc.get('chunk') or 1}"
+    replay = doc.get("replay_id")
+    return f"{base}@{replay}" if isinstance(replay, str) and replay else base
+
+
+def seen_in(rec: Record, asked: str, flt: Filter = Filter()) -> list[Seen]:
+    """The contact's change in one deltas record (a drain counts for any contact); [] when none.
+
+    Tolerant: an unreadable record, or one of another shape, touches no one."""
+    if rec.value is None:
+        return []
+    try:
+        doc = orjson.loads(rec.value)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(doc, dict) or not isinstance(doc.get("delta_id"), str):
+        return []
+    account, list_name = str(doc.get("account") or ""), str(doc.get("list_name") or "")
+    segment_id = str(doc.get("segment_id") or "")
+    if not flt.wants(account, list_name, segment_id):
+        return []
+    common: dict[str, Any] = dict(
+        account=account, list_name=list_name, segment_id=segment_id,
+        sync_task_id=doc.get("sync_task_id") if isinstance(doc.get("sync_task_id"), str) else None,
+        replay_id=doc.get("replay_id") if isinstance(doc.get("replay_id"), str) else None,
+        delta_id=doc["delta_id"], chunk=int(doc.get("chunk") or 1), chunks=int(doc.get("chunks") or 1),
+        chunk_key=_chunk_key(doc), complete=doc.get("complete") is not False,
+        emitted_at=_when(doc.get("emitted_at"), rec.timestamp_ms), partition=rec.partition, offset=rec.offset,
+        written_ms=rec.timestamp_ms,
+    )
+    if doc.get("kind") == "drain":
+        return [Seen(change="drain", contact=None, **common)]
+    identity = doc.get("identity_field") if isinstance(doc.get("identity_field"), str) else None
+    out: list[Seen] = []
+    changes: tuple[Change, ...] = ("remove", "add")  # the sink plans removes first; the Delta contract: never both
+    for change in changes:
+        ids = doc.get(change)
+        for recorded in ids if isinstance(ids, list) else ():
+            if isinstance(recorded, str) and same_contact(asked, recorded, identity):
+                out.append(Seen(change=change, contact=recorded, **common))
+                break
+    return out
+
+
+def might_touch(value: bytes | None, asked: str) -> bool:
+    """A cheap test before parsing: can this deltas record name the contact (or be a drain)?
+
+    Never a false "no": the needle is the lower-cased id as JSON writes it, searched in the
+    lower-cased record."""
+    if value is None:
+        return False
+    text = value.decode("utf-8", "replace").lower()
+    needle = orjson.dumps(normalise(asked)).decode()[1:-1]
+    return needle in text or '"drain"' in text
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A sink's progress record for one chunk."""
+
+    sink: str
+    chunk_key: str
+    applied_at: datetime | None
+    dead_lettered: int
+    discarded: bool = False  # the removal rail's hold was discarded: recorded as done, nothing sent
+
+
+def applied_chunks(records: Iterable[Record], sink: str) -> dict[str, Applied]:
+    """``chunk_key`` -> what ``sink`` recorded (the compacted topic's latest record per key)."""
+    out: dict[str, Applied] = {}
+    prefix = f"{sink}|".encode()
+    for key, rec in latest_by_key(records).items():
+        if not key.startswith(prefix):
+            continue
+        try:
+            doc = orjson.loads(rec.value or b"null")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        chunk_key = key[len(prefix):].decode("utf-8", "replace")
+        dead = doc.get("dead_lettered")
+        out[chunk_key] = Applied(sink, chunk_key, _when(doc.get("applied_at"), rec.timestamp_ms),
+                                 dead if isinstance(dead, int) and not isinstance(dead, bool) else 0,
+                                 doc.get("discarded") is True)
+    return out
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A sink dead letter of the contact's change (or of a whole chunk holding it, or an unnamed bulk rejection)."""
+
+    entry: str  # ``sink:<partition>:<offset>``, as ``heapsync dlq show`` takes it
+    chunk_key: str
+    at: datetime | None
+    reason: str
+    operation: str | None
+    status: int | None
+    response: str | None
+    named: bool  # False: a bulk rejection that does not say which rows; the contact may be among them
+    redrive: str | None = None  # ``redriven`` / ``failed`` once ``heapsync dlq redrive`` took it
+    replay_id: str | None = None
+
+
+def _short(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text[:DETAIL_MAX_CHARS]
+
+
+def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked: str,
+                    marks: Mapping[str, Mapping[str, Any]]) -> dict[str, list[DeadLetter]]:
+    """``chunk_key`` -> the sink dead letters that concern the contact.
+
+    ``entries``: (entry id, record, parsed doc) of the sink dead-letter topic; ``marks``: the
+    re-drive marks by ``<topic>|<partition>|<offset>``. A Cordial response is kept (cut short)
+    only for the contact's own operation; a whole-chunk dead letter gives only its reason."""
+    out: dict[str, list[DeadLetter]] = {}
+    for entry_id, rec, doc in entries:
+        identity = doc.get("identity_key") if isinstance(doc.get("identity_key"), str) else None
+        whole = doc.get("delta") if isinstance(doc.get("delta"), dict) else None
+        named = True
+        if whole is not None:
+            ids = [*(whole.get("add") or []), *(whole.get("remove") or [])]
+            if not any(isinstance(i, str) and same_contact(asked, i, whole.get("identity_field")) for i in ids):
+                continue
+            chunk_key = _chunk_key(whole)
+        elif isinstance(doc.get("contact_id"), str):
+            if not same_contact(asked, doc["contact_id"], identity):
+                continue
+            chunk_key = str(doc.get("chunk_key") or _chunk_key(doc))
+        elif doc.get("operation") == "import" and isinstance(doc.get("rejected"), int):
+            chunk_key, named = str(doc.get("chunk_key") or _chunk_key(doc)), False
+        else:
+            continue
+        mark = marks.get(f"{rec.topic}|{rec.partition}|{rec.offset}") or {}
+        status = doc.get("status")
+        out.setdefault(chunk_key, []).append(DeadLetter(
+            entry=entry_id, chunk_key=chunk_key, at=_when(None, rec.timestamp_ms), reason=str(doc.get("reason") or ""),
+            operation=doc.get("operation") if isinstance(doc.get("operation"), str) else None,
+            status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+            response=_short(doc.get("response")) if whole is None and named else None, named=named,
+            redrive=str(mark["outcome"]) if mark.get("outcome") else None,
+            replay_id=str(mark["replay_id"]) if mark.get("replay_id") else None,
+        ))
+    return out
+
+
+@dataclass(frozen=True)
+class HeldState:
+    """What the removal rail did with a chunk (issue 14 §1), from its compacted lists topic.
+
+    ``state`` ``held`` (the rail stopped it: ``heapsync held release|discard`` decides) or ``waiting``
+    (kept behind a hold of its list) while the hold record is there; ``decided`` once it was deleted
+    (the progress record then says applied, i.e. released, or discarded). A decided hold is known only
+    until the topic is compacted."""
+
+    chunk_key: str
+    state: Literal["held", "waiting", "decided"]
+    at: datetime | None = None
+    reason: str = ""
+
+
+def held_states(records: Iterable[Record], sink: str) -> dict[str, HeldState]:
+    """``chunk_key`` -> the rail's state, from the lists topic's records in order (keys
+    ``<sink>|held|<chunk_key>``: a ``HeldChunk`` while held, a tombstone once decided)."""
+    prefix = f"{sink}|held|".encode()
+    out: dict[str, HeldState] = {}
+    for rec in records:
+        if rec.key is None or not rec.key.startswith(prefix):
+            continue
+        chunk_key = rec.key[len(prefix):].decode("utf-8", "replace")
+        if rec.value is None:
+            if chunk_key in out:
+                prior = out[chunk_key]
+                out[chunk_key] = HeldState(chunk_key, "decided", prior.at, prior.reason)
+            continue
+        try:
+            doc = orjson.loads(rec.value)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        role: Literal["held", "waiting"] = "waiting" if doc.get("role") == "waiting" else "held"
+        reason = str(doc.get("reason") or "") if role == "held" else "behind a held delta of this list"
+        out[chunk_key] = HeldState(chunk_key, role, _when(doc.get("held_at"), rec.timestamp_ms), reason)
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One row of the trace: a change of the contact in a list and what became of it."""
+
+    seen: Seen
+    outcome: Outcome
+    at: datetime | None  # applied, dead-lettered, held, ... (None while pending)
+    detail: str = ""
+    dead_letter: str | None = None  # entry id for ``heapsync dlq show``
+    redriven_as: str | None = None  # replay id of the re-drive
+
+    def row(self) -> dict[str, Any]:
+        s = self.seen
+        return {
+            "account": s.account, "list_name": s.list_name, "segment_id": s.segment_id, "change": s.change,
+            "contact": s.contact, "sync_task_id": s.sync_task_id, "replay_id": s.replay_id, "delta_id": s.delta_id,
+            "chunk": f"{s.chunk}/{s.chunks}", "complete": s.complete, "emitted_at": _iso(s.emitted_at),
+            "partition": s.partition, "offset": s.offset, "outcome": self.outcome, "at": _iso(self.at),
+            "detail": self.detail, "dead_letter": self.dead_letter, "redriven_as": self.redriven_as,
+        }
+
+
+def _dead_letter_step(seen: Seen, dls: list[DeadLetter], applied: Applied | None) -> Step | None:
+    """A step for the contact's own dead letter; an unnamed bulk rejection only qualifies the applied step."""
+    mine = [d for d in dls if d.named]
+    if not mine:
+        return None
+    d = mine[-1]  # the chunk redone after a crash may dead-letter again: the last one counts
+    why = d.reason + (f" (HTTP {d.status})" if d.status is not None else "") + (f": {d.response}" if d.response else "")
+    if d.redrive == "redriven":
+        why += f"; re-driven as replay {d.replay_id}" if d.replay_id else "; re-driven"
+    elif d.redrive == "failed":
+        why += "; a re-drive failed"
+    return Step(seen, "dead-lettered", d.at or (applied.applied_at if applied else None), why, d.entry,
+                d.replay_id if d.redrive == "redriven" else None)
+
+
+def apply_order(seen: Iterable[Seen]) -> list[Seen]:
+    """Per list, the order a sink meets the changes: offset order within a partition; changes of one
+    list on different partitions (a producer that hashes the key differently, say) are merged by the
+    time they reached the topic, keeping each partition's own order."""
+    by_part: dict[tuple[str, str], dict[int, list[Seen]]] = {}
+    for s in seen:
+        by_part.setdefault(s.list_key, {}).setdefault(s.partition, []).append(s)
+    out: list[Seen] = []
+    for list_key in sorted(by_part):
+        runs = []
+        for _, run in sorted(by_part[list_key].items()):
+            latest = 0  # a record never goes before its predecessor on the partition, whatever its clock said
+            timed = []
+            for s in sorted(run, key=lambda s: s.offset):
+                latest = max(latest, s.written_ms)
+                timed.append((latest, s))
+            runs.append(timed)
+        out.extend(s for _, s in heapq.merge(*runs, key=lambda t: t[0]))
+    return out
+
+
+def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
+                dead: Mapping[str, list[DeadLetter]] | None = None,
+                held: Mapping[str, HeldState] | None = None) -> list[Step]:
+    """Each change's outcome, per list (account, list name) in the order the sink applies them.
+
+    The first copy of a chunk on the topic is the one applied; later copies are repeats the sink
+    skipped (a replay or re-drive has its own ``chunk_key``, so it is a change of its own)."""
+    dead, held = dead or {}, held or {}
+    ordered = apply_order(seen)
+    firsts: set[str] = set()
+    steps: list[Step] = []
+    for s in ordered:
+        done = applied.get(s.chunk_key)
+        first = s.chunk_key not in firsts
+        firsts.add(s.chunk_key)
+        if not first:
+            steps.append(Step(s, "repeat", s.emitted_at, "a copy of a chunk already on the topic; the sink skips it"
+                              if done else "a copy of a chunk already on the topic"))
+            continue
+        h = held.get(s.chunk_key)
+        if done is None and not any(d.named for d in dead.get(s.chunk_key, [])):
+            if h is not None and h.state != "decided":
+                steps.append(Step(s, h.state, h.at, h.reason))
+            else:
+                steps.append(Step(s, "pending", None, "not applied yet: the sink has not reached it"))
+            continue
+        if done is not None and done.discarded:
+            why = f"held ({h.reason}) and " if h is not None and h.reason else "held and "
+            steps.append(Step(s, "discarded", done.applied_at, why + "discarded by an operator: nothing sent"))
+            continue
+        dl_step = _dead_letter_step(s, dead.get(s.chunk_key, []), done)
+        if dl_step is not None:
+            steps.append(dl_step)
+            continue
+        detail = "the list was emptied" if s.change == "drain" else ""
+        unnamed = [d for d in dead.get(s.chunk_key, []) if not d.named]
+        if unnamed:
+            detail = (f"{unnamed[-1].reason}: Cordial's import rejected rows of this chunk without naming them; "
+                      f"this contact may be among them ({unnamed[-1].entry})")
+        if h is not None:
+            held_since = f"held {_iso(h.at)}" if h.at else "held"
+            detail = "; ".join(x for x in (f"{held_since} ({h.reason}), released" if h.reason else
+                                           f"{held_since}, released", detail) if x)
+        steps.append(Step(s, "applied", done.applied_at if done else None, detail))
+    return steps
+
+
+def membership(steps: Iterable[Step]) -> dict[tuple[str, str], bool | None]:
+    """Per list: is the contact a member after the last change the sink applied (None: nothing applied)?
+
+    Only what the trace saw: a change older than the deltas topic's retention is not known."""
+    out: dict[tuple[str, str], bool | None] = {}
+    for step in steps:
+        out.setdefault(step.seen.list_key, None)
+        if step.outcome == "applied":
+            out[step.seen.list_key] = step.seen.change == "add"
+    return out
+
+
+def drains_of_traced_lists(seen: Iterable[Seen], flt: Filter = Filter()) -> list[Seen]:
+    """Drains only of lists the contact appears in (or the list asked for): others say nothing about it."""
+    seen = list(seen)
+    touched = {s.list_key for s in seen if s.change != "drain"}
+    return [s for s in seen if s.change != "drain" or s.list_key in touched or flt.list_name is not None]
+
+
+@dataclass
+class Trace:
+    contact: str
+    sink: str
+    steps: list[Step] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        members = membership(self.steps)
+        lists = []
+        for (account, list_name), member in members.items():
+            rows = [s.row() for s in self.steps if s.seen.list_key == (account, list_name)]
+            lists.append({"account": account, "list_name": list_name, "member": member,
+                          "partitions": sorted({r["partition"] for r in rows}), "steps": rows})
+        return {"contact": self.contact, "sink": self.sink, "lists": lists}
+
+
+def build(contact: str, sink: str, deltas: Iterable[Record], progress: Iterable[Record],
+          dead: Iterable[tuple[str, Record, dict[str, Any]]], marks: Mapping[str, Mapping[str, Any]],
+          flt: Filter = Filter(), held: Mapping[str, HeldState] | None = None) -> Trace:
+    """The whole trace from records as read (pure: :func:`gather` reads them)."""
+    seen = [s for rec in deltas if might_touch(rec.value, contact) for s in seen_in(rec, contact, flt)]
+    seen = drains_of_traced_lists(seen, flt)
+    steps = trace_steps(seen, applied_chunks(progress, sink), dead_letters_of(dead, contact, marks), held)
+    return Trace(contact, sink, steps)
+
+
+def gather(settings: Any, contact: str, *, sink: str = "cordial", flt: Filter = Filter()) -> Trace:
+    """Read the topics and build the trace. Nothing about the contact is logged."""
+    from heapsync.topic_reader import read_topic
+    from heapsync_ops import dlq
+
+    topics, bootstrap = settings.topics, settings.kafka_bootstrap
+    entries = [(e.id, e.record, e.doc) for e in dlq.load(settings, ("sink",))]
+    return build(contact, sink, read_topic(bootstrap, topics.deltas, idle_timeout=10.0),
+                 read_topic(bootstrap, topics.sink_progress, idle_timeout=10.0), entries, dlq.load_marks(settings),
+                 flt, load_held(settings, sink))
+
+
+def load_held(settings: Any, sink: str) -> dict[str, HeldState]:
+    """The removal rail's holds by ``chunk_key``, from ``<prefix>.sink.lists`` (none where there is no rail)."""
+    from heapsync.topic_reader import read_topic
+
+    topic = getattr(settings.topics, "sink_lists", None)
+    if not isinstance(topic, str):
+        return {}
+    return held_states(read_topic(settings.kafka_bootstrap, topic, idle_timeout=10.0), sink)

@@ -1,0 +1,1 @@
+"""The whole chain across stages: end to end, replayed drains, Apache Kafka faults."""

@@ -1,0 +1,1 @@
+"""The core package (heapsync/): contracts, settings, the producer, the import layers."""

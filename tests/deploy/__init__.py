@@ -1,0 +1,1 @@
+"""What deploy/ ships: compose file, Dockerfile, Prometheus alerts and the Grafana dashboard."""

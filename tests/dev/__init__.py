@@ -1,0 +1,1 @@
+"""The dev tooling (heapsync_dev/): `heapsync dev`, the Cordial simulator, Apache Kafka, installs, bench wiring."""

@@ -1,0 +1,1 @@
+"""The operator tools (heapsync_ops/): the CLI, dead letters, replay, status and the status page."""

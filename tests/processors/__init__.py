@@ -1,0 +1,1 @@
+"""The assembler stage (processors/): the pure rules, the Assembler, and real Faust workers."""
