@@ -234,8 +234,8 @@ def run_ceiling(bootstrap: str, topic: str, starts: dict[int, int], plans: list[
 def simulator_import_cpu(plans: list[SyncPlan], chunk: int, limit: int = 2_000_000) -> tuple[float, int]:
     """(CPU seconds, rows): the simulator's own ``_import_rows`` on the CSVs the sink renders for the same rows,
     in this process, without the job steps; at most ``limit`` rows (the caller scales linearly)."""
-    from sinks import cordial_import
     from heapsync_dev.cordial_simulator import CordialSimulator, Tenant
+    from sinks import cordial_import
     from sinks.operations import Operation
 
     sim = CordialSimulator({ACCOUNT: API_KEY})
@@ -344,9 +344,9 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
 
     def start(self) -> None:
-        from heapsync_dev.processes import die_with_parent, free_port, wait_for_port
         from heapsync.kafka import ensure_topics
         from heapsync.settings import Settings
+        from heapsync_dev.processes import die_with_parent, free_port, wait_for_port
 
         self.prefix = f"e2e{uuid.uuid4().hex[:8]}"
         self.sim_port, self.port = free_port(), free_port()
