@@ -10,6 +10,7 @@ import hashlib
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,57 @@ class AccountError(ValueError):
     """The accounts file is missing, unreadable or invalid."""
 
 
+class SegmentSettings(BaseModel):
+    """One segment's overrides (``[accounts.<id>.segments."<segment id>"]``); an unknown key is an error.
+
+    The default (no table) is what Heap sends: list named after the segment, enabled, the
+    account's removal rail.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    list_name: str | None = Field(
+        None, description="Pins the Cordial list: a segment renamed in Heap keeps feeding this list."
+    )
+    enabled: bool = Field(
+        True, description="false: pages are acknowledged and kept in the pages topic; nothing goes to Cordial."
+    )
+    # The removal rail resolves these in ``removal_rail_for(account, segment_id)``: a segment's value, when set,
+    # replaces the account's.
+    max_removal_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="Removal-rail override for this segment (default: the account's)."
+    )
+    hold_drains: bool | None = Field(
+        None, description="Removal-rail override for this segment (default: the account's)."
+    )
+
+    @field_validator("enabled", "hold_drains", mode="before")
+    @classmethod
+    def _a_bool(cls, v: object) -> object:
+        # TOML has true/false: "no" or 0 here is a mistake to report, not a value to guess at
+        if v is not None and not isinstance(v, bool):
+            raise ValueError("must be true or false")
+        return v
+
+    @field_validator("max_removal_fraction", mode="before")
+    @classmethod
+    def _a_number(cls, v: object) -> object:
+        if isinstance(v, bool) or not (v is None or isinstance(v, (int, float))):
+            raise ValueError("must be a number from 0 to 1 (a share of the list's members)")
+        return v
+
+    @field_validator("list_name")
+    @classmethod
+    def _usable_list_name(cls, v: str | None) -> str | None:
+        # Cordial list names carry no whitespace (the segment-name rule removes it); a pinned one must not either
+        if v is not None and (not v or any(c.isspace() for c in v)):
+            raise ValueError("must be a non-empty Cordial list name without whitespace")
+        return v
+
+
+DEFAULT_SEGMENT = SegmentSettings()
+
+
 class Account(BaseModel):
     """One Cordial account fed by one Heap integration (one ``[accounts.<id>]`` table)."""
 
@@ -52,10 +104,13 @@ class Account(BaseModel):
     max_concurrency: int = Field(8, ge=1)
     rate_limit_per_second: float = Field(50.0, gt=0)
     max_removal_fraction: float | None = Field(
-        None, gt=0, le=1, description="Hold a sync that would remove more than this share of the list's current "
-        "members (the removal rail, sinks/rail.py); default: off."
+        None, ge=0, le=1, description="Hold a sync that would remove more than this share of the list's current "
+        "members (the removal rail, heapsync/held.py); default: off."
     )
     hold_drains: bool = Field(False, description="Hold every drain of a list until an operator releases it.")
+    segments: dict[str, SegmentSettings] = Field(
+        default_factory=dict, description='Per-segment overrides, ``[accounts.<id>.segments."<segment id>"]``.'
+    )
 
     @field_validator("heap_webhook_secrets", mode="before")
     @classmethod
@@ -85,6 +140,10 @@ class Account(BaseModel):
             )
         return value
 
+    def segment(self, segment_id: str | int) -> SegmentSettings:
+        """The segment's overrides, or the defaults (Heap sends ids as strings or integers: both match)."""
+        return self.segments.get(str(segment_id), DEFAULT_SEGMENT)
+
     def secrets(self) -> list[bytes]:
         return [s.get_secret_value().encode() for s in self.heap_webhook_secrets]
 
@@ -109,9 +168,23 @@ class RemovalRail(BaseModel):
 
 
 def removal_rail_for(account: Account, segment_id: str) -> RemovalRail:
-    """The removal rail for one segment of ``account``: the account's keys (per-segment overrides plug in here)."""
-    del segment_id  # per-segment overrides: issue 14, section 2
-    return RemovalRail(max_removal_fraction=account.max_removal_fraction, hold_drains=account.hold_drains)
+    """The removal rail for one segment of ``account``: its segment table's keys where set, else the account's."""
+    seg = account.segment(segment_id)
+    return RemovalRail(
+        max_removal_fraction=(seg.max_removal_fraction if seg.max_removal_fraction is not None
+                              else account.max_removal_fraction),
+        hold_drains=seg.hold_drains if seg.hold_drains is not None else account.hold_drains)
+def segment_settings(accounts: Mapping[str, Account], account_id: str, segment_id: str | int) -> SegmentSettings:
+    """What the accounts file says about one segment: its table, or the defaults (also for an unknown account)."""
+    account = accounts.get(account_id)
+    return account.segment(segment_id) if account is not None else DEFAULT_SEGMENT
+
+
+def disabled_segments(accounts: Mapping[str, Account]) -> list[dict[str, str | None]]:
+    """Segments turned off in the accounts file (``enabled = false``), for ``heapsync status`` and the status page."""
+    return [{"account": account_id, "segment_id": segment_id, "list_name": seg.list_name}
+            for account_id, account in sorted(accounts.items())
+            for segment_id, seg in sorted(account.segments.items()) if not seg.enabled]
 
 
 def parse_accounts(text: str, source: str = "<accounts>") -> dict[str, Account]:
@@ -255,6 +328,22 @@ class Settings(BaseSettings):
     )
     processor_session_timeout_seconds: float = Field(
         60.0, gt=0, description="How long the group waits for a silent worker before moving its partitions."
+    )
+    processor_cache_max_ids: int = Field(
+        2_000_000, ge=0, description="Ids of open syncs' running net state kept in memory (about 100 bytes each), so a "
+        "sync's delta is ready when its last page is; a sync past it is assembled from its stored pages."
+    )
+    processor_emit_max_ids: int = Field(
+        1_000_000, ge=1, description="Id occurrences an emission from stored pages holds in memory at once (about "
+        "250 bytes each); a larger sync is computed in hash buckets spilled to files under processor_data_dir."
+    )
+    processor_prefetch_pages: int = Field(
+        256, ge=1, description="Pages records the worker reads ahead of the one it assembles (Faust's stream buffer; "
+        "its default, 4,096 pages of ~30 KB, held over 100 MB while a large sync arrived)."
+    )
+    processor_emit_inflight_chunks: int = Field(
+        16, ge=1, description="Delta chunks sent but not yet acknowledged by the broker; the next chunk is made only "
+        "when one is (back-pressure: a sync's output is never all in memory)."
     )
     processor_compression: Literal["none", "snappy", "lz4", "zstd", "gzip"] = Field(
         "snappy", description="Compression of the worker's changelog and delta records. Not lz4: Faust's "

@@ -121,6 +121,8 @@ def cli() -> None:
 @click.option("--host", default=None, help="Address to bind (default HEAPSYNC_INGEST_HOST or 127.0.0.1).")
 def ingest(port: int | None, host: str | None) -> None:
     """Serve Heap's webhook and write accepted pages to Kafka."""
+    import functools
+
     from heapsync_ops.status_page import add_status_routes
     from ingest import server
 
@@ -130,7 +132,8 @@ def ingest(port: int | None, host: str | None) -> None:
     if host is not None:
         settings.ingest_host = host
     logs.setup(settings.log_level)
-    server.run(settings, accounts, admin=[add_status_routes])
+    # the status page names the segments the accounts file turns off
+    server.run(settings, accounts, admin=[functools.partial(add_status_routes, accounts=accounts)])
 
 
 @cli.command()
@@ -141,9 +144,9 @@ def process() -> None:
 
     from processors.worker import create_app, declare_changelogs
 
-    settings, _ = _checked()
+    settings, accounts = _checked()  # the segments' settings: pinned list names, disabled segments
     logs.setup(settings.log_level)
-    app = create_app(settings)
+    app = create_app(settings, accounts)
     try:
         declare_changelogs(app, settings)
     except KafkaException as exc:  # Faust declares them itself as it starts, as before
@@ -450,11 +453,11 @@ def held_discard(delta_id: str, sink: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @_broker_errors
 def status(as_json: bool) -> None:
-    """Consumer lag, open syncs, dead letters and the last applied sync per list."""
+    """Consumer lag, open syncs, dead letters, the last applied sync per list, disabled segments."""
     from heapsync_ops.status import gather
 
     logs.setup("WARNING")
-    doc = gather(_checked()[0])
+    doc = gather(*_checked())  # the accounts name the disabled segments
     if as_json:
         _echo_json(doc)
         return

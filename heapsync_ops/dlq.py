@@ -220,7 +220,7 @@ def _held_pages_delta(entry: Entry, replay_id: str, chunk_size: int) -> list[Out
             pages[int(number)] = rules.PageChanges(tuple(page.get("add") or ()), tuple(page.get("remove") or ()))
     chunks = rules.chunk_changes(rules.net_changes(pages), chunk_size)
     sync_ref = str(doc.get("sync_task_id") or str(doc.get("sync", "")).split("|", 1)[-1])
-    list_name = naming.list_name(doc["segment_name"])
+    list_name = str(doc.get("list_name") or naming.list_name(doc["segment_name"]))  # a pinned name, when recorded
     common: dict[str, Any] = dict(
         delta_id=delta_id_for(doc["account"], sync_ref), account=doc["account"], segment_id=doc["segment_id"],
         segment_name=doc["segment_name"], list_name=list_name,

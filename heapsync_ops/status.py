@@ -5,7 +5,8 @@
 - open syncs: read from the assembler's ``syncs`` table changelog
   (``<processor_group>-syncs-changelog``), pages received of total and age;
 - dead letters not yet re-driven, counted by reason;
-- the last applied sync per list and sink (the sink progress topic).
+- the last applied sync per list and sink (the sink progress topic);
+- segments turned off in the accounts file (``enabled = false``) and the syncs skipped for them.
 
 The summaries are pure functions over plain records (tested directly); only
 :func:`gather` talks to Kafka. Reading is tolerant: the assembler's metadata may
@@ -15,14 +16,16 @@ grow or change shape (``received`` as a list of page numbers or as a counter).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
 
 from heapsync.kafka import client_config
 from heapsync.lag import LagUnknown, committed_offsets, partition_lag
+from heapsync.settings import Account, disabled_segments
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
@@ -113,6 +116,34 @@ def last_applied(records: Iterable[Record]) -> list[dict[str, Any]]:
     ]
 
 
+def done_changelog(processor_group: str) -> str:
+    """The assembler's ``done`` table changelog: what became of each emitted sync (see ``syncs_changelog``)."""
+    return f"{processor_group}-done-changelog"
+
+
+def disabled_with_skips(disabled: list[dict[str, Any]], latest_done: dict[bytes, Record]) -> list[dict[str, Any]]:
+    """Each segment the accounts file turns off, with the syncs the assembler skipped for it (outcome "disabled"
+    in its done markers, within the pages topic's retention) and when the last one was."""
+    skipped: dict[tuple[str, str], list[float]] = {}
+    for key, rec in latest_done.items():
+        try:
+            done = orjson.loads(rec.value or b"null")
+            name = orjson.loads(key)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(done, dict) or done.get("outcome") != "disabled" or not isinstance(name, str):
+            continue
+        at = done.get("at")
+        skipped.setdefault((name.split("|", 1)[0], str(done.get("segment_id"))), []).append(
+            float(at) if isinstance(at, (int, float)) else rec.timestamp_ms / 1000)
+    out = []
+    for seg in disabled:
+        times = skipped.get((str(seg["account"]), str(seg["segment_id"])), [])
+        last = datetime.fromtimestamp(max(times), timezone.utc).isoformat() if times else None
+        out.append({**seg, "syncs_skipped": len(times), "last_skipped_at": last})
+    return out
+
+
 # -- shell ----------------------------------------------------------------------
 
 
@@ -159,7 +190,7 @@ def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag],
     return rows, unknown
 
 
-def gather(settings: Any) -> dict[str, Any]:
+def gather(settings: Any, accounts: Mapping[str, Account] | None = None) -> dict[str, Any]:
     from heapsync_ops import dlq
 
     now = time.time()
@@ -175,8 +206,13 @@ def gather(settings: Any) -> dict[str, Any]:
     from heapsync_ops.held import load_state
 
     holds = load_state(settings).holds()
+    disabled = disabled_segments(accounts or {})
+    if disabled:  # the done markers are read only when a segment is turned off
+        disabled = disabled_with_skips(disabled, latest_by_key(read_topic(
+            settings.kafka_bootstrap, done_changelog(settings.processor_group), idle_timeout=10.0)))
     return {
         "at": now,
+        "disabled_segments": disabled,
         "lag": [row.__dict__ for row in lag],
         "lag_total": totals,
         "lag_unknown": lag_unknown,

@@ -17,7 +17,7 @@ import contextlib
 import html
 import logging
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -27,7 +27,7 @@ from aiohttp import web
 
 from heapsync import naming
 from heapsync.held import ListsState
-from heapsync.settings import Settings
+from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, TopicFollower
 from heapsync_ops.metrics import OpsView, attach
 from ingest.app import SCRAPE_HOOKS
@@ -184,6 +184,13 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
                 f"<tr class='bad'><td>{e(h['account'])}</td><td>{e(h['list_name'])}</td><td>{e(h['delta_id'])}</td>"
                 f"<td>{e(h['kind'])}</td><td>{e(h['reason'])}</td><td>{h['waiting']}</td><td>{e(h['held_at'])}</td>"
                 f"<td>{e(str(h['decision'] or '-'))}</td></tr>")
+    if snap.get("disabled_segments"):
+        parts.append("<h2>Disabled segments</h2><p class='warn'>enabled = false in the accounts file: their pages "
+                     "are acknowledged and kept in the pages topic; nothing is sent to Cordial.</p>"
+                     "<table><tr><th>account</th><th>segment id</th><th>list</th></tr>")
+        for seg in snap["disabled_segments"]:
+            parts.append(f"<tr class='warn'><td>{e(str(seg['account']))}</td><td>{e(str(seg['segment_id']))}</td>"
+                         f"<td>{e(str(seg.get('list_name') or '(named after the segment)'))}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Recent syncs per list</h2>")
     if not snap["lists"]:
@@ -339,10 +346,12 @@ class Tailer:
 TAILER_KEY = web.AppKey("status_tailer", Tailer)
 
 
-def add_status_routes(app: web.Application, settings: Settings) -> None:
-    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress's admin app (an ``AdminExtension``)."""
+def add_status_routes(app: web.Application, settings: Settings, accounts: Mapping[str, Account] | None = None) -> None:
+    """Add ``GET /status`` and ``GET /status.json`` (read-only) to the ingress's admin app (an ``AdminExtension``;
+    bind ``accounts`` to name the segments the accounts file turns off)."""
     if not settings.status_page_enabled:
         return
+    disabled = disabled_segments(accounts or {})
     board = StatusBoard(recent=settings.status_page_recent)
     ops = OpsView()
     tailer = Tailer(settings, board, ops=ops)
@@ -353,12 +362,13 @@ def add_status_routes(app: web.Application, settings: Settings) -> None:
 
     async def page(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.Response(text=render_html(board.snapshot(), started=started, reader_failures=tailer.failures),
-                            content_type="text/html")
+        return web.Response(text=render_html({**board.snapshot(), "disabled_segments": disabled}, started=started,
+                                             reader_failures=tailer.failures), content_type="text/html")
 
     async def as_json(request: web.Request) -> web.Response:
         started = tailer.ensure_started()
-        return web.json_response({**board.snapshot(), "reading": started, "reader_failures": tailer.failures},
+        return web.json_response({**board.snapshot(), "disabled_segments": disabled, "reading": started,
+                                  "reader_failures": tailer.failures},
                                  dumps=lambda o: orjson.dumps(o).decode())
 
     async def lifecycle(_: web.Application) -> AsyncIterator[None]:

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import orjson
 
+from heapsync.identities import EMAIL_IDENTITY, normalise_email, same_contact
 from heapsync.topic_reader import Record, latest_by_key
 
 Change = Literal["add", "remove", "drain"]
@@ -45,21 +46,9 @@ Outcome = Literal["applied", "repeat", "dead-lettered", "held", "waiting", "disc
 DETAIL_MAX_CHARS = 200
 
 
-def normalise(contact: str) -> str:
-    """An email the way Cordial compares it: trimmed, lower-cased."""
-    return contact.strip().lower()
-
-
 def is_email_identity(identity: str | None) -> bool:
     """The pipeline's rule (``Account.identity_key``): ids are emails when the identity field is ``email``."""
-    return (identity or "email") == "email"
-
-
-def same_contact(asked: str, recorded: str, identity: str | None) -> bool:
-    """Email identities compare trimmed and lower-cased; any other identity key exactly."""
-    if is_email_identity(identity):
-        return normalise(asked) == normalise(recorded)
-    return asked == recorded
+    return (identity or EMAIL_IDENTITY) == EMAIL_IDENTITY
 
 
 def _when(value: Any, fallback_ms: int | None = None) -> datetime | None:
@@ -170,7 +159,7 @@ def might_touch(value: bytes | None, asked: str) -> bool:
     if value is None:
         return False
     text = value.decode("utf-8", "replace").lower()
-    needle = orjson.dumps(normalise(asked)).decode()[1:-1]
+    needle = orjson.dumps(normalise_email(asked)).decode()[1:-1]
     return needle in text or '"drain"' in text
 
 

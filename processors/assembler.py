@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, MutableMapping
+from itertools import compress
+from operator import not_
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping, Protocol
 
 import orjson
 
 from heapsync import dlq_parts, naming
 from heapsync.contracts import Delta, HeapDrain, HeapSync, delta_id_for
-from processors import rules
+from heapsync.settings import Account, segment_settings
+from processors import rules, spill
 
 log = logging.getLogger("heapsync.assembler")
 
@@ -58,6 +62,7 @@ class Counters:
     delta_chunks: int = 0
     partial_deltas: int = 0
     dead_lettered: int = 0
+    disabled_syncs: int = 0
     done_pruned: int = 0
 
 
@@ -86,18 +91,86 @@ class Step:
     """On a tick: age of the partition's oldest open sync (0 when none is open)."""
 
 
+class NetSource(Protocol):
+    """A sync's net change as counts and streams of ids (in memory, or spilled to files)."""
+
+    removes: int
+    adds: int
+
+    def prepare(self) -> Iterator[None]: ...
+
+    def remove_ids(self) -> Iterator[str]: ...
+
+    def add_ids(self) -> Iterator[str]: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryNet:
+    """The net change of a state dict (id -> member or not, in first-appearance order), streamed
+    from the dict itself: no lists of all adds and removes are made."""
+
+    def __init__(self, state: dict[str, bool]) -> None:
+        self.state = state
+        self.adds = sum(state.values())
+        self.removes = len(state) - self.adds
+
+    def prepare(self) -> Iterator[None]:
+        return iter(())
+
+    def remove_ids(self) -> Iterator[str]:
+        return compress(self.state, map(not_, self.state.values()))
+
+    def add_ids(self) -> Iterator[str]:
+        return compress(self.state, self.state.values())
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Emission:
-    """One finished sync, ready to publish: its delta chunks, or a dead letter (timeout policy)."""
+    """One finished sync, ready to publish: its delta chunks (``iter_deltas``, built one at a time),
+    or a dead letter (timeout policy)."""
 
     sync_key: str
     segment_key: str
     complete: bool
-    deltas: list[Delta]
+    chunks: int
+    """Delta chunks: known once ``prepare`` has run (0 for a dead letter)."""
     dead_letter: DeadLetter | None
     done_value: dict[str, Any]
     stored_pages: list[int]
     partition: int = 0
+    net: NetSource | None = field(default=None, repr=False)
+    chunk_size: int = 5000
+    common: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def prepare(self) -> Iterator[None]:
+        """Compute what is left of the net change (a spilled sync's buckets), yielding between
+        steps so that the shell can let its event loop run; sets ``chunks``."""
+        if self.net is None:
+            return
+        yield from self.net.prepare()
+        self.chunks = rules.chunk_count(self.net.removes, self.net.adds, self.chunk_size)
+
+    def iter_deltas(self) -> Iterator[Delta]:
+        """The delta chunks in order, each made when the one before has been taken, so a sync's
+        output is never all in memory. Read once: the emission's scratch files go at the end."""
+        if self.net is None:
+            return
+        try:
+            for _ in self.prepare():
+                pass
+            chunks = rules.iter_chunks(self.net.remove_ids(), self.net.add_ids(), self.chunk_size)
+            for n, (add, remove) in enumerate(chunks, start=1):
+                yield Delta(**self.common, chunk=n, chunks=self.chunks, add=add, remove=remove)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.net is not None:
+            self.net.close()
 
 
 @dataclass
@@ -132,14 +205,19 @@ class Assembler:
         timeout_seconds: float = 3600.0,
         partial_policy: PartialPolicy = "emit",
         cache_max_ids: int = 2_000_000,
+        emit_max_ids: int = 1_000_000,
+        scratch_dir: Path | None = None,
         done_days: MutableMapping[str, Any] | None = None,
         done_retention_seconds: float | None = None,
         prune_every_seconds: float = 3600.0,
         prune_lookback_days: int = 366,
+        accounts: Mapping[str, Account] | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
         self.pages, self.syncs, self.segments, self.done = pages, syncs, segments, done
+        # per-segment settings (pinned list name, enabled), read when a sync is emitted
+        self.accounts: Mapping[str, Account] = accounts or {}
         self.done_days = done_days
         self.done_retention_seconds = done_retention_seconds
         self.prune_every_seconds = prune_every_seconds
@@ -153,6 +231,10 @@ class Assembler:
         # Only an optimisation: emission falls back to the stored pages, and the shell clears it on
         # rebalance. Bounded by the number of ids held.
         self.cache_max_ids = cache_max_ids
+        # A sync not in the cache is assembled from its stored pages: in one dict up to this many
+        # id occurrences, else in hash buckets of about this many, spilled to ``scratch_dir``.
+        self.emit_max_ids = emit_max_ids
+        self.scratch_dir = scratch_dir
         self._running: dict[str, _Running | None] = {}
         self._cached_ids = 0
 
@@ -172,9 +254,11 @@ class Assembler:
         skey = rules.sync_key(account, "sync", info.sync_task_id, replay_id)
         seg = rules.segment_key(account, payload.data.segment.id)
         self.counters.pages += 1
+        identity = payload.customer_config.identity_field()
+        # emails as Cordial compares them, before the rules: variants of one address are one contact
         changes = rules.page_changes(
-            add if add is not None else [m.id for m in payload.data.add or ()],
-            remove if remove is not None else [m.id for m in payload.data.remove or ()])
+            rules.normalise_ids(identity, add if add is not None else [m.id for m in payload.data.add or ()]),
+            rules.normalise_ids(identity, remove if remove is not None else [m.id for m in payload.data.remove or ()]))
         encoded = changes.encode()
 
         finished = self.done.get(skey)
@@ -191,7 +275,7 @@ class Assembler:
                 "segment": seg,
                 "segment_id": payload.data.segment.id,
                 "segment_name": payload.data.segment.name,
-                "identity_field": payload.customer_config.identity_field(),
+                "identity_field": identity,
                 "announced": info.total_pages,
                 "total_pages": info.total_pages,
                 "received": 0,
@@ -222,7 +306,7 @@ class Assembler:
             self.pages[pkey] = encoded
             meta["received"] += 1
         self.syncs[skey] = meta
-        self._advance(skey, page, changes if previous is None else None, meta["total_pages"])
+        self._advance(skey, page, changes if previous is None else None, meta["total_pages"], meta["identity_field"])
         # An incomplete sync cannot release its segment's queue (timeouts are the ticks' job), so
         # most pages skip the queue check. A repeat always re-checks: it may be a redelivery after
         # a crash that stopped between storing the last page and emitting.
@@ -230,7 +314,8 @@ class Assembler:
             return Step()
         return Step(segments=[seg])
 
-    def _advance(self, skey: str, page: int, changes: rules.PageChanges | None, total: int) -> None:
+    def _advance(self, skey: str, page: int, changes: rules.PageChanges | None, total: int,
+                 identity_field: str = "") -> None:
         """Apply pages to the sync's running net state, in page order, as far as they are in."""
         if skey not in self._running:
             self._running[skey] = _Running()
@@ -242,7 +327,7 @@ class Assembler:
                 current: rules.PageChanges | None = changes
             else:
                 raw = self.pages.get(rules.page_key(skey, run.next_page))
-                current = rules.decode_page(raw) if raw is not None else None
+                current = rules.normalised_page(identity_field, rules.decode_page(raw)) if raw is not None else None
             if current is None:
                 return
             before = len(run.state)
@@ -358,9 +443,11 @@ class Assembler:
                 self.done_days[day] = [*keys, em.sync_key]
         if em.dead_letter is not None:
             self.counters.dead_lettered += 1
+        elif em.done_value.get("outcome") == "disabled":
+            self.counters.disabled_syncs += 1
         else:
             self.counters.deltas += 1
-            self.counters.delta_chunks += len(em.deltas)
+            self.counters.delta_chunks += em.chunks
             self.counters.partial_deltas += 0 if em.complete else 1
 
     def _prune_done(self, partition: int, now: float) -> None:
@@ -388,7 +475,7 @@ class Assembler:
         out = Output(dead_letters=list(step.dead_letters))
         for seg in step.segments:
             while (em := self.next_emission(seg, now)) is not None:
-                out.deltas.extend(em.deltas)
+                out.deltas.extend(em.iter_deltas())
                 if em.dead_letter is not None:
                     out.dead_letters.append(em.dead_letter)
                 self.mark_emitted(em)
@@ -440,11 +527,24 @@ class Assembler:
                 found[p] = rules.digest(raw)
         return found
 
-    def _read_pages(self, skey: str, numbers: Iterable[int]) -> Iterator[rules.PageChanges]:
+    def _read_pages(self, skey: str, numbers: Iterable[int], identity_field: str = "") -> Iterator[rules.PageChanges]:
+        for _, page in self._numbered_pages(skey, numbers, identity_field):
+            yield page
+
+    def _numbered_pages(self, skey: str, numbers: Iterable[int],
+                        identity_field: str = "") -> Iterator[tuple[int, rules.PageChanges]]:
+        """Stored pages, normalised again for an email identity (a page stored by an older version may hold
+        case variants): so a delta never carries two variants of one address."""
         for p in numbers:
             raw = self.pages.get(rules.page_key(skey, p))
             if raw is not None:
-                yield rules.decode_page(raw)
+                yield p, rules.normalised_page(identity_field, rules.decode_page(raw))
+
+    def _raw_pages(self, skey: str, numbers: Iterable[int]) -> Iterator[bytes]:
+        for p in numbers:
+            raw = self.pages.get(rules.page_key(skey, p))
+            if raw is not None:
+                yield raw
 
     def _enqueue(self, seg: str, skey: str, partition: int, started_at: float | None = None) -> None:
         """Add a sync to its segment's queue, once. A new sync goes last; one put back after a
@@ -495,54 +595,70 @@ class Assembler:
             "at": now, "complete": complete,
             "digests": [stored.get(p) for p in range(1, total + 1)],
         }
+        if not segment_settings(self.accounts, meta["account"], meta["segment_id"]).enabled:
+            # acknowledged, kept in the pages topic (a replay re-drives it once enabled), nothing downstream
+            done_value.update(outcome="disabled", segment_id=str(meta["segment_id"]))
+            log.info("segment disabled in the accounts file; sync assembled, no delta",
+                     extra={"sync": skey, "account": meta["account"], "segment_id": str(meta["segment_id"])})
+            return Emission(skey, seg, complete, 0, None, done_value, sorted(stored), meta.get("partition", 0))
         if not complete and self.partial_policy == "dead-letter":
             done_value["outcome"] = "dead-letter"
             log.warning("sync timed out with pages missing; dead-lettered",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
             numbers = sorted(stored)
             pages = {str(p): dict(zip(("add", "remove", "conflicts"), _lists(changes)))
-                     for p, changes in zip(numbers, self._read_pages(skey, numbers))}
+                     for p, changes in zip(numbers, self._read_pages(skey, numbers, meta["identity_field"]))}
             letter = DeadLetter("sync timed out with pages missing", skey, {
                 **{k: meta[k] for k in ("account", "segment_id", "segment_name", "identity_field", "replay_id")},
                 "sync_task_id": meta["ref"], "total_pages": total, "missing_pages": missing, "pages": pages,
+                "list_name": self._list_name(meta),  # a re-drive goes to the list the sync was for (a pinned one too)
                 "sync_emitted_at": now,
             })
-            return Emission(skey, seg, False, [], letter, done_value, sorted(stored), meta.get("partition", 0))
+            return Emission(skey, seg, False, 0, letter, done_value, sorted(stored), meta.get("partition", 0))
         done_value["outcome"] = "delta"
         if not complete:
             log.warning("sync timed out with pages missing; partial delta emitted",
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
-        deltas = self._deltas(skey, meta, stored, complete, missing)
-        return Emission(skey, seg, complete, deltas, None, done_value, sorted(stored), meta.get("partition", 0))
-
-    def _deltas(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool,
-                missing: list[int]) -> list[Delta]:
-        if meta["kind"] == "drain":
-            chunks: list[tuple[list[str], list[str]]] = [([], [])]
-        else:
-            run = self._running.get(skey)
-            if complete and run is not None and run.next_page > meta["total_pages"]:
-                net = rules.net_from_state(run.state)
-            else:
-                net = rules.net_of_ordered(self._read_pages(skey, sorted(stored)))
-            chunks = rules.chunk_changes(net, self.chunk_size)
+        net = self._net(skey, meta, stored, complete)
         common: dict[str, Any] = dict(
             delta_id=delta_id_for(meta["account"], meta["ref"]),
             account=meta["account"],
             segment_id=meta["segment_id"],
             segment_name=meta["segment_name"],
-            list_name=naming.list_name(meta["segment_name"]),
+            list_name=self._list_name(meta),
             identity_field=meta["identity_field"],
             kind=meta["kind"],
             sync_task_id=meta["ref"] if meta["kind"] == "sync" else None,
             complete=complete,
             total_pages=meta["total_pages"],
             missing_pages=missing,
-            chunks=len(chunks),
             replay_id=meta["replay_id"],
         )
-        return [Delta(**common, chunk=n, add=add, remove=remove)
-                for n, (add, remove) in enumerate(chunks, start=1)]
+        return Emission(skey, seg, complete, 0, None, done_value, sorted(stored), meta.get("partition", 0),
+                        net=net, chunk_size=self.chunk_size, common=common)
+
+    def _list_name(self, meta: dict[str, Any]) -> str:
+        """The sync's Cordial list: pinned in the accounts file, else named after the segment as it is now."""
+        pinned = segment_settings(self.accounts, meta["account"], meta["segment_id"]).list_name
+        return naming.list_name_for(meta["segment_name"], pinned)
+
+    def _net(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool) -> NetSource:
+        """Where the delta's ids come from: the running state when it is complete, else the stored
+        pages, in one dict if they are small enough, else spilled to scratch files by hash slot."""
+        if meta["kind"] == "drain":
+            return MemoryNet({})
+        run = self._running.get(skey)
+        if complete and run is not None and run.next_page > meta["total_pages"]:
+            return MemoryNet(run.state)
+        numbers = sorted(stored)
+        size = sum(len(raw) for raw in self._raw_pages(skey, numbers))
+        slots = spill.slots_for(size, self.emit_max_ids)
+        if slots == 1:
+            return MemoryNet(rules.net_state(self._read_pages(skey, numbers, meta["identity_field"])))
+        log.info("sync's net change computed from its stored pages in scratch files",
+                 extra={"sync": skey, "pages": len(numbers), "page_bytes": size, "slots": slots})
+        return spill.SpilledNet(self._numbered_pages(skey, numbers, meta["identity_field"]), slots=slots,
+                                max_ids=self.emit_max_ids, scratch_dir=self.scratch_dir)
 
 
 def _lists(changes: rules.PageChanges) -> tuple[list[str], list[str], int]:

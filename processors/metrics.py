@@ -29,6 +29,9 @@ COUNTERS: dict[str, Counter] = {
     "delta_chunks": Counter(_PREFIX + "delta_chunks", "Delta chunk messages emitted."),
     "partial_deltas": Counter(_PREFIX + "partial_deltas", "Deltas emitted with pages missing after the timeout."),
     "dead_lettered": Counter(_PREFIX + "dead_lettered", "Syncs sent to the dead-letter topic after the timeout."),
+    "disabled_syncs": Counter(
+        _PREFIX + "disabled_syncs", "Syncs and drains of segments with enabled = false in the accounts file: "
+        "assembled and marked done, no delta (their pages stay in the pages topic for a replay)."),
     "done_pruned": Counter(_PREFIX + "done_pruned", "Done markers removed after the pages topic's retention."),
 }
 OPEN_SYNCS = Gauge(_PREFIX + "open_syncs", "Syncs waiting for pages or for an earlier sync, per partition.",

@@ -27,7 +27,9 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Awaitable
 
 import faust
 import orjson
@@ -35,10 +37,10 @@ from faust.types import TableT
 from pydantic import ValidationError
 
 from heapsync import lag
-from heapsync.contracts import HeapDrain, HeapSync
+from heapsync.contracts import Delta, HeapDrain, HeapSync
 from heapsync.kafka import min_insync_replicas
-from heapsync.settings import Settings
-from processors import metrics
+from heapsync.settings import Account, Settings
+from processors import metrics, spill
 from processors.assembler import Assembler, DeadLetter, Emission, Step
 from processors.records import TICK, is_tick, parse_record
 
@@ -84,7 +86,8 @@ def declare_changelogs(app: faust.App, settings: Settings, timeout: float = 30.0
     return create_missing(AdminClient(client_config(settings.kafka_bootstrap)), topics, timeout)
 
 
-def create_app(settings: Settings) -> faust.App:
+def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None) -> faust.App:
+    """The worker; ``accounts`` gives the per-segment settings (pinned list names, disabled segments)."""
     topics = settings.topics
     store = settings.processor_store
     app = faust.App(
@@ -111,6 +114,7 @@ def create_app(settings: Settings) -> faust.App:
         # Pages are tens of KB: the 1 MB default fetches only a few dozen per round trip.
         consumer_max_fetch_size=4 * 1024 * 1024,
         broker_commit_every=100,
+        stream_buffer_maxsize=settings.processor_prefetch_pages,
         table_standby_replicas=settings.processor_standby_replicas,
         recovery_consistency_check=settings.processor_recovery_consistency_check,
         broker_session_timeout=settings.processor_session_timeout_seconds,
@@ -124,6 +128,8 @@ def create_app(settings: Settings) -> faust.App:
                           partitions=settings.topic_partitions)
 
     options = _table_options(store)
+    scratch_dir = settings.processor_data_dir / "scratch"
+    spill.clear_scratch(scratch_dir)  # what an emission interrupted by a crash left behind
     # Faust creates the changelogs itself: with 3+ replicas they refuse a write one copy would hold,
     # as the topics `heapsync topics` makes do (a broker's default min.insync.replicas is 1)
     min_isr = min_insync_replicas(settings.topic_replication)
@@ -143,6 +149,10 @@ def create_app(settings: Settings) -> faust.App:
         chunk_size=settings.delta_chunk_size,
         timeout_seconds=settings.sync_timeout_seconds,
         partial_policy=settings.partial_policy,
+        accounts=accounts,
+        cache_max_ids=settings.processor_cache_max_ids,
+        emit_max_ids=settings.processor_emit_max_ids,
+        scratch_dir=scratch_dir,
     )
     app.assembler = assembler  # type: ignore[attr-defined]
     exporter = metrics.Exporter()
@@ -155,21 +165,29 @@ def create_app(settings: Settings) -> faust.App:
             await asyncio.gather(*futures)
 
     async def publish(em: Emission) -> None:
-        """Send an emission and wait until the broker has it: only then may the sync count as done."""
-        futures = []
-        for delta in em.deltas:
-            futures.append(await deltas_topic.send(
+        """Send an emission and wait until the broker has it: only then may the sync count as done.
+
+        Chunks are made one at a time as they are sent; at most ``processor_emit_inflight_chunks``
+        wait for the broker's acknowledgement, so a large sync's output is never all in memory."""
+        pending: deque[Awaitable[Any]] = deque()
+        adds = removes = 0
+        first: Delta | None = None
+        for delta in em.iter_deltas():
+            pending.append(await deltas_topic.send(
                 key=f"{delta.account}:{delta.list_name}".encode(),
                 value=delta.model_dump_json().encode(),
             ))
-        if futures:
-            await asyncio.gather(*futures)
-        if em.deltas:
-            d = em.deltas[0]
+            adds, removes = adds + len(delta.add), removes + len(delta.remove)
+            first = first or delta.model_copy(update={"add": [], "remove": []})
+            while len(pending) >= settings.processor_emit_inflight_chunks:
+                await pending.popleft()
+        if pending:
+            await asyncio.gather(*pending)
+        if first is not None:
+            d = first
             log.info("delta emitted", extra={
                 "delta_id": d.delta_id, "account": d.account, "list": d.list_name, "kind": d.kind,
-                "chunks": d.chunks, "adds": sum(len(x.add) for x in em.deltas),
-                "removes": sum(len(x.remove) for x in em.deltas), "complete": d.complete,
+                "chunks": d.chunks, "adds": adds, "removes": removes, "complete": d.complete,
                 "missing_pages": len(d.missing_pages), "replay_id": d.replay_id,
             })
         if em.dead_letter is not None:
@@ -182,8 +200,13 @@ def create_app(settings: Settings) -> faust.App:
                 em = assembler.next_emission(seg, time.time())
                 if em is None:
                     break
-                built = time.perf_counter()
-                await publish(em)
+                try:
+                    for _ in em.prepare():  # a spilled sync's buckets: let heartbeats and acks through
+                        await asyncio.sleep(0)
+                    built = time.perf_counter()
+                    await publish(em)
+                finally:
+                    em.close()  # its scratch files, if publishing stopped half-way
                 log.debug("emission built in %d ms, published in %d ms", (built - started) * 1000,
                           (time.perf_counter() - built) * 1000)
                 assembler.mark_emitted(em)

@@ -30,7 +30,8 @@ def test_the_rail_is_off_unless_an_operator_sets_it() -> None:
 def test_account_keys_are_read_and_checked() -> None:
     account = parse_accounts(ACCOUNT + "max_removal_fraction = 0.2\nhold_drains = true\n")["acme"]
     assert removal_rail_for(account, "1") == RemovalRail(max_removal_fraction=0.2, hold_drains=True)
-    for bad in ("max_removal_fraction = 0", "max_removal_fraction = 1.5", "hold_drain = true"):
+    assert parse_accounts(ACCOUNT + "max_removal_fraction = 0\n")["acme"].max_removal_fraction == 0  # any removal held
+    for bad in ("max_removal_fraction = -0.1", "max_removal_fraction = 1.5", "hold_drain = true"):
         with pytest.raises(AccountError, match="accounts.acme"):
             parse_accounts(ACCOUNT + bad + "\n")
 

@@ -40,7 +40,7 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
 
 
 def test_a_segment_named_like_closing_markup_does_not_crash_status(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(heapsync_ops.status, "gather", lambda settings: status_doc("[/x]"))
+    monkeypatch.setattr(heapsync_ops.status, "gather", lambda settings, accounts=None: status_doc("[/x]"))
     monkeypatch.setattr(cli, "_checked", lambda: (None, {}))
     res = CliRunner().invoke(cli.cli, ["status"])
     assert res.exit_code == 0, res.output + repr(res.exception)
