@@ -113,19 +113,33 @@ def interleave(plans: list[SyncPlan]) -> Iterator[tuple[SyncPlan, int]]:
 
 
 def spread_segments(count: int, partitions: int) -> list[str]:
-    """``count`` segment ids whose pages land on different partitions of the pages topic where the partitions allow
-    it (the ingress keys a page by account:segment; librdkafka's default partitioner is CRC32 of the key)."""
+    """``count`` segment ids whose pages land on different partitions of the pages topic and whose deltas on
+    different partitions of the deltas topic, where the partitions allow it (the ingress keys a page by
+    account:segment, hashed with CRC32 by librdkafka; the worker keys a delta by account:list, murmur2)."""
+    from heapsync.kafka import java_partition
+
+    def fits(used: dict[int, int], p: int) -> bool:
+        return used.get(p, 0) < math.ceil(count / partitions) and (used.get(p, 0) == 0 or len(used) >= partitions)
+
     chosen: list[str] = []
-    used: dict[int, int] = {}
+    pages: dict[int, int] = {}
+    deltas: dict[int, int] = {}
     n = 0
     while len(chosen) < count:
         seg = str(100 + n)
-        p = zlib.crc32(f"{ACCOUNT}:{seg}".encode()) % partitions
-        if used.get(p, 0) < math.ceil(count / partitions) and (used.get(p, 0) == 0 or len(used) >= partitions):
+        p = page_partition(seg, partitions)
+        d = java_partition(f"{ACCOUNT}:{list_name(seg)}".encode(), partitions)
+        if fits(pages, p) and fits(deltas, d):
             chosen.append(seg)
-            used[p] = used.get(p, 0) + 1
+            pages[p] = pages.get(p, 0) + 1
+            deltas[d] = deltas.get(d, 0) + 1
         n += 1
     return chosen
+
+
+def page_partition(segment: str, partitions: int) -> int:
+    """The pages topic's partition of a segment's pages (librdkafka's default partitioner: CRC32 of the key)."""
+    return zlib.crc32(f"{ACCOUNT}:{segment}".encode()) % partitions
 
 
 # ---------------------------------------------------------------- the poster (its own process)
@@ -578,10 +592,14 @@ def bench_scale_out(kind: str, users: int, segments: int, concurrency: int, time
     from bench.brokers import label, open_broker
 
     segs = spread_segments(segments, PARTITIONS)
-    parts = sorted(zlib.crc32(f"{ACCOUNT}:{s}".encode()) % PARTITIONS for s in segs)
-    print(f"[e2e] scale-out: {segments} segments of {users // segments:,} users, pages topic partitions {parts} of "
-          f"{PARTITIONS}. One segment is one partition (its pages are keyed by account:segment, in order), so one "
-          f"huge segment runs on one worker and its list in one sink lane whatever the replicas", flush=True)
+    from heapsync.kafka import java_partition
+
+    parts = sorted(page_partition(s, PARTITIONS) for s in segs)
+    dparts = sorted(java_partition(f"{ACCOUNT}:{list_name(s)}".encode(), PARTITIONS) for s in segs)
+    print(f"[e2e] scale-out: {segments} segments of {users // segments:,} users, pages topic partitions {parts}, "
+          f"deltas topic partitions {dparts} of {PARTITIONS}. One segment is one partition (its pages are keyed by "
+          "account:segment, in order), so one huge segment runs on one worker and its list on one sink replica "
+          "whatever the replicas", flush=True)
     seconds: dict[tuple[int, int], float] = {}
     for workers, sinks in ((1, 1), (2, 2)):
         with tempfile.TemporaryDirectory(prefix="heapsync-e2e-") as tmp, open_broker(kind, Path(tmp)) as broker:

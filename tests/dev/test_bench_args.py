@@ -135,7 +135,11 @@ def test_many_segments_are_posted_together_and_spread_over_the_partitions() -> N
 
     plans = [SyncPlan("a", "1", "initial", 3_000), SyncPlan("b", "2", "initial", 1_000)]
     assert [(p.sync_id, n) for p, n in interleave(plans)] == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+    from bench.e2e import list_name
+    from heapsync.kafka import java_partition
+
     segments = spread_segments(6, 6)
     assert len(set(segments)) == 6
-    assert len({zlib.crc32(f"{ACCOUNT}:{s}".encode()) % 6 for s in segments}) == 6
+    assert len({zlib.crc32(f"{ACCOUNT}:{s}".encode()) % 6 for s in segments}) == 6  # pages: one worker's share each
+    assert len({java_partition(f"{ACCOUNT}:{list_name(s)}".encode(), 6) for s in segments}) == 6  # deltas: the sinks'
     assert len(spread_segments(8, 6)) == 8  # more segments than partitions: some share one
