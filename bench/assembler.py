@@ -58,7 +58,7 @@ def produce(bootstrap: str, topic: str, values: list[bytes]) -> tuple[float, flo
     """Produce like the ingress (idempotent, acks=all); returns (first produce, last page acked) times."""
     from confluent_kafka import Producer
 
-    from ingest.app import record_key
+    from ingest.records import record_key
 
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 2, "compression.type": "lz4", "message.max.bytes": 16 * 1024 * 1024})

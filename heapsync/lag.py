@@ -5,7 +5,7 @@
 definition as ``heapsync status`` (:func:`heapsync_ops.status.lag_of`), so the alert and the CLI agree.
 
 - The sink reports the partitions it is assigned, from its own commit bookkeeping and a watermark
-  query made in its polling thread (``sinks/base.py``), every :data:`LAG_INTERVAL_SECONDS`.
+  query made in its polling thread (``sinks/runner.py``), every :data:`LAG_INTERVAL_SECONDS`.
 - The Faust worker reports every partition of the pages topic, but only while it is the group's
   leader, from a watermark and committed-offset query (:class:`LagProbe`) on a worker thread:
   Faust's own consumer offers no public view of its committed offsets.

@@ -45,6 +45,7 @@ from pydantic import ValidationError
 
 from heapsync import dlq_parts, naming
 from heapsync.contracts import KNOWN_ACTIONS, Delta, PageRecord, delta_id_for, parse_heap_payload
+from heapsync.settings import Settings
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 Source = Literal["rejected", "assembler", "sink"]
@@ -477,7 +478,7 @@ def mark_value(entry: Entry, outcome: str, detail: str, replay_id: str, now: dat
 # -- shells ---------------------------------------------------------------------
 
 
-def load_marks(settings: Any) -> dict[str, dict[str, Any]]:
+def load_marks(settings: Settings) -> dict[str, dict[str, Any]]:
     latest = latest_by_key(read_topic(settings.kafka_bootstrap, settings.topics.dlq_redrive, idle_timeout=10.0))
     marks: dict[str, dict[str, Any]] = {}
     for key, rec in latest.items():
@@ -488,7 +489,7 @@ def load_marks(settings: Any) -> dict[str, dict[str, Any]]:
     return marks
 
 
-def load(settings: Any, sources: Iterable[Source] = SOURCES) -> list[Entry]:
+def load(settings: Settings, sources: Iterable[Source] = SOURCES) -> list[Entry]:
     topics = settings.topics.dead_letter_topics()
     entries: list[Entry] = []
     for source in sources:
@@ -514,7 +515,7 @@ class RedriveReport:
                 "outcomes": self.outcomes, "warnings": self.warnings}
 
 
-def stale_entries(settings: Any, entries: list[Entry]) -> dict[str, str]:
+def stale_entries(settings: Settings, entries: list[Entry]) -> dict[str, str]:
     """Entry id -> why re-driving it may apply stale data, from the deltas topic (:func:`newer_syncs`).
 
     Reads the deltas topic from a little before the earliest sync checked (from its beginning
@@ -530,7 +531,7 @@ def stale_entries(settings: Any, entries: list[Entry]) -> dict[str, str]:
     return {i: p for i, v in verdicts.items() if (p := v.problem(refs[i])) is not None}
 
 
-def redrive(settings: Any, entries: list[Entry], marks: dict[str, dict[str, Any]], *, replay_id: str,
+def redrive(settings: Settings, entries: list[Entry], marks: dict[str, dict[str, Any]], *, replay_id: str,
             force: bool = False, dry_run: bool = False) -> RedriveReport:
     report = RedriveReport(replay_id, dry_run)
     todo = []

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import orjson
 
+from heapsync.settings import Settings
 from heapsync.topic_reader import Record, read_topic
 
 Kind = Literal["pages", "deltas"]
@@ -184,7 +185,7 @@ def plan(kind: Kind, records: Iterable[Record], flt: Filter, report: Report) -> 
         yield chosen
 
 
-def run_replay(settings: Any, kind: Kind, *, since_ms: int | None, from_offset: int | None, flt: Filter,
+def run_replay(settings: Settings, kind: Kind, *, since_ms: int | None, from_offset: int | None, flt: Filter,
                dry_run: bool, progress: bool = False, replay_id: str | None = None) -> Report:
     """Read the range, and (unless a dry run) re-produce each chosen record with a fresh replay id.
 

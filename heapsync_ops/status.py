@@ -25,7 +25,7 @@ import orjson
 
 from heapsync.kafka import client_config
 from heapsync.lag import LagUnknown, committed_offsets, partition_lag
-from heapsync.settings import Account, disabled_segments
+from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
 NO_OFFSET = -1001  # librdkafka: the group has not committed this partition
@@ -147,7 +147,7 @@ def disabled_with_skips(disabled: list[dict[str, Any]], latest_done: dict[bytes,
 # -- shell ----------------------------------------------------------------------
 
 
-def consumer_groups(settings: Any) -> dict[str, str]:
+def consumer_groups(settings: Settings) -> dict[str, str]:
     """Group -> the topic it consumes."""
     groups = {settings.processor_group: settings.topics.pages, settings.sink_group: settings.topics.deltas}
     archive = getattr(settings, "archive_group", None)
@@ -156,7 +156,7 @@ def consumer_groups(settings: Any) -> dict[str, str]:
     return groups
 
 
-def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
+def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[PartitionLag], dict[str, str]]:
     """Lag per group and partition, and the groups whose committed offsets could not be read (with why)."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -190,7 +190,7 @@ def group_lag(settings: Any, timeout: float = 30.0) -> tuple[list[PartitionLag],
     return rows, unknown
 
 
-def gather(settings: Any, accounts: Mapping[str, Account] | None = None) -> dict[str, Any]:
+def gather(settings: Settings, accounts: Mapping[str, Account] | None = None) -> dict[str, Any]:
     from heapsync_ops import dlq
 
     now = time.time()

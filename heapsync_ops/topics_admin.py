@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from heapsync.kafka import client_config, topic_configs
+from heapsync.settings import Settings
 
 SHOWN = ("retention.ms", "cleanup.policy", "min.insync.replicas")
 
@@ -39,7 +40,7 @@ def differences(wanted: dict[str, str], actual: dict[str, str]) -> list[str]:
     return out
 
 
-def describe(settings: Any, *, create: bool = True, timeout: float = 15.0) -> list[dict[str, Any]]:
+def describe(settings: Settings, *, create: bool = True, timeout: float = 15.0) -> list[dict[str, Any]]:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 

@@ -12,19 +12,20 @@ Nothing refused before the payload check is written anywhere.
 
 Every answer is a JSON body and carries ``X-Request-Id``; every request is one
 JSON log line and a few Prometheus observations (``ingest/metrics.py``).
+
+The body is read by ``ingest/body.py`` and what is kept is encoded by ``ingest/records.py``;
+this module decides, answers and produces.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import itertools
 import logging
 import re
 import time
 import uuid
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -32,27 +33,21 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, RejectedRecord, signed_digest
+from heapsync.contracts import DRAIN_ACTION, SYNC_ACTION, HeapDrain, HeapSync, signed_digest
 from heapsync.producer import ProduceError, QueueFull, ResilientProducer
 from heapsync.settings import Account, Settings
 from ingest import metrics, openapi, signature
+from ingest.body import BodyTooLarge, UnreadableBody, UnsupportedEncoding, body_decoder, read_body
+from ingest.records import page_record_bytes, printable, record_key, rejected_record_bytes, safe_headers
 
 log = logging.getLogger("heapsync.ingest")
 
 WEBHOOK_PATH = "/heap/listMembership/{account_id}"
 RETRY_AFTER_SECONDS = 5
 """Sent with every 503: long enough for a broker blip, short next to Heap's 4-hour cadence."""
-
-SECRET_HEADERS = frozenset({
-    "heap-hash", "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key",
-    "x-auth-token", "x-amz-security-token",
-})
-REJECTED_RECORD_MAX_BYTES = 15 * 1024 * 1024
-"""Below the topics' 16 MiB ``max.message.bytes``; a rejected body that would not fit is cut and flagged."""
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _MODELS: dict[str, type[HeapSync] | type[HeapDrain]] = {SYNC_ACTION: HeapSync, DRAIN_ACTION: HeapDrain}
@@ -70,11 +65,6 @@ def json_error(status: int, error: str, headers: dict[str, str] | None = None, *
     return json_response(status, {"error": error, **extra}, headers)
 
 
-def record_key(account: str, segment_id: str) -> bytes:
-    """All pages and syncs of one segment go to one partition, in order."""
-    return f"{account}:{segment_id}".encode()
-
-
 _ID_PREFIX = uuid.uuid4().hex[:16]
 _ID_COUNTER = itertools.count(1)
 
@@ -89,71 +79,12 @@ def request_id_from(header: str | None) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 
-def printable(text: str) -> str:
-    """``text`` fit for JSON: bytes that were not UTF-8 spelled ``\\xNN``, exactly and in plain text.
-
-    aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so a byte such as ``\\xe9``
-    arrives as a lone surrogate, which no JSON encoder (orjson, pydantic) accepts: without this,
-    a record or an answer holding such a header would fail to serialise (a 500, nothing kept).
-    """
-    if text.isascii():  # the common case, without encoding anything
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        pass
-    try:
-        raw = text.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that is not an escaped byte (not from a parser): replace it
-        raw = text.encode("utf-8", "replace")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-def safe_headers(headers: Any) -> dict[str, str]:
-    """Request headers fit to keep: anything that carries or derives from a secret is left out,
-    and the rest is made printable (``printable``), so that the record holding them always serialises."""
-    return {printable(k): printable(v) for k, v in headers.items() if k.lower() not in SECRET_HEADERS}
-
-
 def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Field paths and messages, without echoing input values (they may be emails)."""
     return [
         {"path": ".".join(str(p) for p in e["loc"]) or "(body)", "message": e["msg"], "type": e["type"]}
         for e in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
-
-
-def page_record_bytes(account: str, request_id: str, received_at: datetime, body: bytes,
-                      signed_digest: str | None = None) -> bytes:
-    """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
-
-    Equal to ``PageRecord(...).model_dump_json()`` when read back, without
-    re-serialising a body of thousands of ids (``tests/ingest/test_app.py`` checks it).
-    ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
-    """
-    head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,
-                         "received_at": received_at, "replay_id": None,
-                         **({"signed_digest": signed_digest} if signed_digest else {})})
-    return head[:-1] + b',"payload":' + body + b"}"
-
-
-def rejected_record_bytes(account: str, request_id: str, received_at: datetime, reason: str,
-                          errors: list[dict[str, Any]], headers: dict[str, str], body: bytes) -> bytes:
-    """A ``RejectedRecord`` holding the raw request, cut to fit a Kafka record when it must."""
-    try:
-        text, b64 = body.decode("utf-8"), None
-    except UnicodeDecodeError:
-        text, b64 = body.decode("utf-8", errors="replace"), base64.b64encode(body).decode()
-    record = RejectedRecord(account=account, request_id=request_id, received_at=received_at, reason=reason,
-                            errors=errors, headers=headers, body=text, body_base64=b64)
-    raw = record.model_dump_json().encode()
-    if len(raw) <= REJECTED_RECORD_MAX_BYTES:
-        return raw
-    # worst case JSON escaping is 6 bytes per character (\u0000); keep what surely fits
-    keep = REJECTED_RECORD_MAX_BYTES // 8
-    record = record.model_copy(update={"body": text[:keep], "body_base64": None, "body_truncated": True})
-    return record.model_dump_json().encode()
 
 
 OFFLOAD_BYTES = 256 * 1024
@@ -210,139 +141,6 @@ def examine_signed(heap_hash: signature.HeapHash, body: bytes, secrets: list[byt
         return Examined(action=action, errors=describe_errors(exc))
 
 
-class BodyTooLarge(Exception):
-    """Over a limit: ``limit`` bytes ``counted`` as sent on the wire (compressed) or as decoded."""
-
-    def __init__(self, limit: int, counted: str = "decoded") -> None:
-        super().__init__(f"{counted} body over {limit} bytes")
-        self.limit = limit
-        self.counted = counted
-
-
-class UnreadableBody(Exception):
-    """The body does not decode with its Content-Encoding, or its framing is broken."""
-
-
-class UnsupportedEncoding(Exception):
-    pass
-
-
-_ZLIB_AUTO = zlib.MAX_WBITS | 32  # zlib or gzip header, detected
-TRAILING_DATA = "data after the end of the compressed stream"
-
-
-def body_decoder(content_encoding: str | None) -> Any:
-    """A zlib decompressor for gzip/deflate, None for identity; ``UnsupportedEncoding`` otherwise.
-
-    The server runs with aiohttp's own decompression off, so that a body that does not
-    decode is a JSON 400 here and its decoded size counts against the limit as it grows.
-    """
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return None
-    if encoding in ("gzip", "x-gzip", "deflate"):
-        return zlib.decompressobj(_ZLIB_AUTO)
-    raise UnsupportedEncoding(encoding)
-
-
-class BodyDecoder:
-    """Decode a body chunk by chunk within two limits: bytes as sent, and bytes decoded. Pure, no I/O.
-
-    Each chunk is counted before it is decoded, decoding never yields more than the decoded limit
-    allows (a gzip bomb stops at the limit), and the first byte after the end of the compressed
-    stream is refused (a second gzip member, or padding sent to be buffered for free): nothing is
-    collected that is not counted, and nothing is copied more than once.
-    """
-
-    __slots__ = ("limit", "wire_limit", "received", "size", "_zlib", "_chunks")
-
-    def __init__(self, content_encoding: str | None, limit: int, wire_limit: int) -> None:
-        self._zlib = body_decoder(content_encoding)  # UnsupportedEncoding first: before any byte
-        self.limit = limit
-        self.wire_limit = limit if self._zlib is None else wire_limit  # identity: as sent is as decoded
-        self.received = 0
-        self.size = 0
-        self._chunks: list[bytes] = []
-
-    @property
-    def compressed(self) -> bool:
-        return self._zlib is not None
-
-    def feed(self, chunk: bytes) -> None:
-        """Take the next bytes as received; raise ``BodyTooLarge`` or ``UnreadableBody`` as soon as they are."""
-        self.received += len(chunk)
-        if self.received > self.wire_limit:
-            raise BodyTooLarge(self.wire_limit, "compressed" if self.compressed else "decoded")
-        if self._zlib is not None:
-            if self._zlib.eof:
-                if chunk:
-                    raise UnreadableBody(TRAILING_DATA)
-                return
-            try:
-                chunk = self._zlib.decompress(chunk, self.limit - self.size + 1)
-            except zlib.error as exc:
-                raise UnreadableBody(f"body does not decode: {exc}") from exc
-            if self._zlib.unconsumed_tail:  # output stopped at the limit with input left: over it
-                raise BodyTooLarge(self.limit)
-            if self._zlib.unused_data:
-                raise UnreadableBody(TRAILING_DATA)
-        self._add(chunk)
-
-    def finish(self) -> bytes:
-        """The whole decoded body, once the last chunk was fed."""
-        if self._zlib is not None:
-            try:
-                tail = self._zlib.flush()
-            except zlib.error as exc:
-                raise UnreadableBody(f"body does not decode: {exc}") from exc
-            self._add(tail)
-            if not self._zlib.eof:
-                raise UnreadableBody("compressed body ends early")
-        chunks = self._chunks
-        if not chunks:
-            return b""
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _add(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise BodyTooLarge(self.limit)
-        if data:
-            self._chunks.append(data)
-
-
-def _payload_error(exc: RequestPayloadError) -> UnreadableBody:
-    return UnreadableBody(str(exc).split(",", 1)[-1].strip()[:200])
-
-
-async def read_body(request: web.Request, limit: int, wire_limit: int | None = None) -> bytes:
-    """Read at most ``limit`` decoded bytes and ``wire_limit`` bytes as sent, counting as they arrive.
-
-    Chunked bodies have no length, so every chunk is counted (``BodyDecoder``); a declared
-    Content-Length over the limit is refused before a byte is read.
-    """
-    encoding = request.headers.get("Content-Encoding")
-    length = request.content_length
-    if encoding is None and length is not None:  # the common case: one call, no per-chunk loop
-        if length > limit:
-            raise BodyTooLarge(limit)
-        try:
-            return await request.content.readexactly(length)
-        except asyncio.IncompleteReadError as exc:
-            raise UnreadableBody("body shorter than its Content-Length") from exc
-        except RequestPayloadError as exc:
-            raise _payload_error(exc) from exc
-    decoder = BodyDecoder(encoding, limit, limit if wire_limit is None else wire_limit)
-    if length is not None and length > decoder.wire_limit:
-        raise BodyTooLarge(decoder.wire_limit, "compressed" if decoder.compressed else "decoded")
-    try:
-        async for chunk in request.content.iter_any():
-            decoder.feed(chunk)
-    except RequestPayloadError as exc:
-        raise _payload_error(exc) from exc
-    return decoder.finish()
-
-
 def is_json_content_type(request: web.Request) -> bool:
     """JSON or ``*+json``; a request with no Content-Type at all is read as JSON (the signature decides)."""
     raw = request.headers.get("Content-Type")
@@ -395,6 +193,19 @@ def unread(request: web.Request, resp: web.Response) -> web.Response:
     return resp
 
 
+@dataclass
+class Received:
+    """One webhook request whose body was read: everything a record of it is made from."""
+
+    request: web.Request
+    outcome: Outcome
+    account_id: str
+    request_id: str
+    heap_hash: signature.HeapHash
+    received_at: datetime
+    body: bytes
+
+
 class Ingress:
     """Handlers bound to one producer slot and one set of accounts."""
 
@@ -415,36 +226,58 @@ class Ingress:
     # ---- the webhook
 
     async def receive(self, request: web.Request) -> web.Response:
+        """The webhook: refuse what can be refused unread, read and examine the body, then keep or hand it on."""
         outcome: Outcome = request[OUTCOME_KEY]
-        request_id: str = request[REQUEST_ID_KEY]
+        checked = self._check_headers(request, outcome)
+        if isinstance(checked, web.Response):
+            return unread(request, checked)
+        account_id, heap_hash = checked
+        read = await self._read_and_examine(request, outcome, account_id, heap_hash)
+        if isinstance(read, web.Response):
+            return read
+        received, examined = read
+        if examined.problem is not None:
+            return self._forbidden(outcome, examined.problem)
+        if examined.errors is not None:
+            return await self._invalid(received, examined.errors)
+        return await self._accept(received, examined)
+
+    def _check_headers(self, request: web.Request,
+                       outcome: Outcome) -> web.Response | tuple[str, signature.HeapHash]:
+        """The account and parsed ``Heap-Hash``, or the answer refusing the request before a byte of its body is read.
+
+        Without a well-formed Heap-Hash nothing can be accepted, so an unsigned body is never read, decoded or hashed.
+        """
         account_id = request.match_info["account_id"]
-        account = self.accounts.get(account_id)
-        if account is None:
+        if self.accounts.get(account_id) is None:
             outcome.reason = "unknown account"
-            return unread(request, json_error(404, "Unknown account"))
+            return json_error(404, "Unknown account")
         outcome.account = account_id
         if not is_json_content_type(request):
             outcome.reason = "unsupported content type"
-            return unread(request, json_error(415, "Content-Type must be application/json",
-                                              content_type=printable(request.headers.get("Content-Type", ""))[:100]))
-        # Everything that can be refused without the body is, before a byte of it is read: without a
-        # well-formed Heap-Hash nothing can be accepted, so an unsigned body is never read, decoded or hashed.
+            return json_error(415, "Content-Type must be application/json",
+                              content_type=printable(request.headers.get("Content-Type", ""))[:100])
         try:
             heap_hash = signature.parse_heap_hash(request.headers.get("Heap-Hash"))
         except signature.SignatureError as exc:
-            return unread(request, self._forbidden(outcome, exc.problem))
+            return self._forbidden(outcome, exc.problem)
         if not signature.decode_signature(heap_hash.signature):
             # no secret can make this: the answer a wrong signature gets, without reading the body
-            return unread(request, self._forbidden(outcome, signature.SignatureProblem.MISMATCH))
+            return self._forbidden(outcome, signature.SignatureProblem.MISMATCH)
         content_encoding = request.headers.get("Content-Encoding")
         if content_encoding is not None:
             try:
                 body_decoder(content_encoding)
             except UnsupportedEncoding as exc:
                 outcome.reason = "unsupported content encoding"
-                return unread(request, json_error(415, "Content-Encoding must be gzip, deflate or identity",
-                                                  content_encoding=printable(str(exc))[:50]))
+                return json_error(415, "Content-Encoding must be gzip, deflate or identity",
+                                  content_encoding=printable(str(exc))[:50])
+        return account_id, heap_hash
 
+    async def _read_and_examine(self, request: web.Request, outcome: Outcome, account_id: str,
+                                heap_hash: signature.HeapHash) -> web.Response | tuple[Received, Examined]:
+        """Read the body in one of the body slots and check it, or the answer when that cannot be done."""
+        request_id: str = request[REQUEST_ID_KEY]
         slots = self._body_slots
         if slots.locked():
             try:
@@ -460,28 +293,13 @@ class Ingress:
         try:  # one slot per body being read, decoded and signature-checked: bounded memory and CPU
             try:
                 body = await self._read(request)
-            except UnreadableBody as exc:
-                outcome.reason = "unreadable body"
-                resp = json_error(400, "Unreadable body", reason=str(exc))
-                resp.force_close()
-                return resp
-            except BodyTooLarge as exc:
-                outcome.reason = "body too large"
-                extra: dict[str, Any] = {"limit_bytes": exc.limit}
-                if exc.counted == "compressed":
-                    extra["counted"] = "compressed"
-                resp = json_error(413, "Body too large", **extra)
+            except (UnreadableBody, BodyTooLarge, TimeoutError) as exc:
+                resp = self._unreadable(outcome, exc)
                 resp.force_close()  # the rest of the body is not worth reading on this connection
                 return resp
-            except TimeoutError:
-                outcome.reason = "body not received in time"
-                resp = json_error(408, "Body not received in time",
-                                  timeout_seconds=self.settings.ingest_body_read_timeout_seconds)
-                resp.force_close()
-                return resp
             metrics.BODY_BYTES.observe(len(body))
-
-            received_at = datetime.now(timezone.utc)
+            received = Received(request, outcome, account_id, request_id, heap_hash,
+                                datetime.now(timezone.utc), body)
             args = (heap_hash, body, self._secrets[account_id], int(time.time() * 1000), self.window)
             if len(body) > OFFLOAD_BYTES:
                 # hashing releases the GIL and the loop gets its turns meanwhile: a huge page
@@ -491,30 +309,47 @@ class Ingress:
                 examined = examine_signed(*args)
         finally:
             slots.release()
-        if examined.problem is not None:
-            return self._forbidden(outcome, examined.problem)
-        if examined.errors is not None:
-            return await self._invalid(request, outcome, account_id, request_id, received_at, body, examined.errors)
+        return received, examined
+
+    def _unreadable(self, outcome: Outcome, exc: UnreadableBody | BodyTooLarge | TimeoutError) -> web.Response:
+        """The answer to a body that could not be read: 400, 413 or 408."""
+        if isinstance(exc, UnreadableBody):
+            outcome.reason = "unreadable body"
+            return json_error(400, "Unreadable body", reason=str(exc))
+        if isinstance(exc, BodyTooLarge):
+            outcome.reason = "body too large"
+            extra: dict[str, Any] = {"limit_bytes": exc.limit}
+            if exc.counted == "compressed":
+                extra["counted"] = "compressed"
+            return json_error(413, "Body too large", **extra)
+        outcome.reason = "body not received in time"
+        return json_error(408, "Body not received in time",
+                          timeout_seconds=self.settings.ingest_body_read_timeout_seconds)
+
+    async def _accept(self, received: Received, examined: Examined) -> web.Response:
+        """A signed, valid request: its page to the pages topic; an unknown action type kept, acknowledged."""
         action = examined.action
         assert action is not None
         payload = examined.payload
         if payload is None:
             # never dropped: kept where someone can look, and acknowledged so Heap does not retry forever
             reason = f"unsupported action_type {action[:100]!r}"
-            await self._keep(request, outcome, account_id, request_id, received_at, body, reason, [], "unsupported_action")
-            return json_response(200, {"status": "kept", "reason": "unsupported action_type", "request_id": request_id})
+            await self._keep(received, reason, [], "unsupported_action")
+            return json_response(200, {"status": "kept", "reason": "unsupported action_type",
+                                       "request_id": received.request_id})
 
         # a drain is named by what is signed, so the same signed drain posted again is a repeat (issue 16 #3)
-        digest = signed_digest(heap_hash.ts, body) if isinstance(payload, HeapDrain) else None
-        value = page_record_bytes(account_id, request_id, received_at, body, digest)
-        await self._produce("pages", self.topics.pages, value, record_key(account_id, payload.data.segment.id))
+        body = received.body
+        digest = signed_digest(received.heap_hash.ts, body) if isinstance(payload, HeapDrain) else None
+        value = page_record_bytes(received.account_id, received.request_id, received.received_at, body, digest)
+        await self._produce("pages", self.topics.pages, value, record_key(received.account_id, payload.data.segment.id))
         if isinstance(payload, HeapSync):
             if payload.data.add:
                 self._ids_add.inc(len(payload.data.add))
             if payload.data.remove:
                 self._ids_remove.inc(len(payload.data.remove))
-        outcome.reason = action
-        return json_response(200, {"status": "accepted", "request_id": request_id})
+        received.outcome.reason = action
+        return json_response(200, {"status": "accepted", "request_id": received.request_id})
 
     async def _read(self, request: web.Request) -> bytes:
         """The decoded body, within the size limits and (unless it is all here already) the read timeout."""
@@ -530,28 +365,24 @@ class Ingress:
         if problem is signature.SignatureProblem.MISMATCH:
             return json_error(403, "Invalid signature")
         extra: dict[str, Any] = {"reason": problem.value}
-        if problem in (signature.SignatureProblem.STALE, signature.SignatureProblem.FUTURE):
+        if problem.is_timestamp:
             extra["max_age_seconds"] = self.settings.signature_max_age_seconds
             extra["max_future_seconds"] = self.settings.signature_max_future_seconds
         return json_error(403, "Invalid signature", **extra)
 
-    async def _invalid(self, request: web.Request, outcome: Outcome, account_id: str, request_id: str,
-                       received_at: datetime, body: bytes, errors: list[dict[str, Any]]) -> web.Response:
-        await self._keep(request, outcome, account_id, request_id, received_at, body, "invalid payload", errors,
-                         "invalid_payload")
-        return json_error(400, "Invalid payload", errors=errors, request_id=request_id)
+    async def _invalid(self, received: Received, errors: list[dict[str, Any]]) -> web.Response:
+        await self._keep(received, "invalid payload", errors, "invalid_payload")
+        return json_error(400, "Invalid payload", errors=errors, request_id=received.request_id)
 
-    async def _keep(self, request: web.Request, outcome: Outcome, account_id: str, request_id: str,
-                    received_at: datetime, body: bytes, reason: str, errors: list[dict[str, Any]],
-                    kind: str) -> None:
+    async def _keep(self, received: Received, reason: str, errors: list[dict[str, Any]], kind: str) -> None:
         """Keep the raw request in the rejected topic, so it can be inspected and re-driven after a fix.
 
         If even this fails, ``Unavailable`` makes the answer 503 so that Heap retries: nothing is lost.
         """
-        outcome.reason = reason
-        value = rejected_record_bytes(account_id, request_id, received_at, reason, errors,
-                                      safe_headers(request.headers), body)
-        await self._produce("rejected", self.topics.rejected, value, account_id.encode())
+        received.outcome.reason = reason
+        value = rejected_record_bytes(received.account_id, received.request_id, received.received_at, reason, errors,
+                                      safe_headers(received.request.headers), received.body)
+        await self._produce("rejected", self.topics.rejected, value, received.account_id.encode())
         metrics.REJECTED.labels(kind).inc()
 
     async def _produce(self, kind: str, topic: str, value: bytes, key: bytes) -> None:

@@ -127,7 +127,7 @@ def run(settings: Settings, accounts: dict[str, Account], admin: Sequence[AdminE
         web.run_app(app, host=settings.ingest_host, port=settings.ingest_port, print=None, loop=event_loop(),
                     shutdown_timeout=settings.produce_timeout_seconds + 5.0, access_log=None,
                     lingering_time=LINGERING_SECONDS, handle_signals=True,
-                    # bodies are decoded by ingest.app.read_body: bounded, and JSON errors when they do not decode
+                    # bodies are decoded by ingest.body.read_body: bounded, and JSON errors when they do not decode
                     auto_decompress=False)
     except OSError as exc:  # an address taken or not ours (public or admin): one log line naming it, exit 1
         log.error("ingress cannot start", extra={"error": str(exc)})

@@ -41,6 +41,11 @@ class SignatureProblem(str, Enum):
     STALE = "timestamp is stale"
     FUTURE = "timestamp is in the future"
 
+    @property
+    def is_timestamp(self) -> bool:
+        """True when the signature was right but the ``ts`` is outside the window (the answer then says the window)."""
+        return self in (SignatureProblem.STALE, SignatureProblem.FUTURE)
+
 
 @dataclass(frozen=True)
 class HeapHash:
@@ -69,11 +74,6 @@ class SignatureError(Exception):
     def __init__(self, problem: SignatureProblem) -> None:
         super().__init__(problem.value)
         self.problem = problem
-
-    @property
-    def timestamp_problem(self) -> bool:
-        """True when the signature was right but the ``ts`` is outside the window."""
-        return self.problem in (SignatureProblem.STALE, SignatureProblem.FUTURE)
 
 
 def parse_heap_hash(header: str | None) -> HeapHash:

@@ -33,7 +33,7 @@ from typing import Any, Awaitable
 
 import faust
 import orjson
-from faust.types import TableT
+from faust.types import TableT, TopicT
 from pydantic import ValidationError
 
 from heapsync import lag
@@ -46,7 +46,7 @@ from processors.records import TICK, is_tick, parse_record
 
 log = logging.getLogger("heapsync.processor")
 
-__all__ = ["TICK", "create_app", "tick_interval"]
+__all__ = ["TICK", "Worker", "create_app", "declare_changelogs", "tick_interval"]
 
 
 def tick_interval(timeout_seconds: float) -> float:
@@ -86,14 +86,11 @@ def declare_changelogs(app: faust.App, settings: Settings, timeout: float = 30.0
     return create_missing(AdminClient(client_config(settings.kafka_bootstrap)), topics, timeout)
 
 
-def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None) -> faust.App:
-    """The worker; ``accounts`` gives the per-segment settings (pinned list names, disabled segments)."""
-    topics = settings.topics
-    store = settings.processor_store
-    app = faust.App(
-        settings.processor_group,
+def _app_options(settings: Settings) -> dict[str, Any]:
+    """Faust's settings for the worker, from ours."""
+    return dict(
         broker=f"kafka://{settings.kafka_bootstrap}",
-        store=store,
+        store=settings.processor_store,
         datadir=str(settings.processor_data_dir),
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,
@@ -120,102 +117,98 @@ def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None
         broker_session_timeout=settings.processor_session_timeout_seconds,
         broker_heartbeat_interval=min(3.0, settings.processor_session_timeout_seconds / 3),
     )
-    pages_topic = app.topic(topics.pages, key_type=bytes, value_type=bytes,
-                            partitions=settings.topic_partitions)
-    deltas_topic = app.topic(topics.deltas, key_type=bytes, value_type=bytes,
-                             partitions=settings.topic_partitions)
-    dlq_topic = app.topic(topics.assembler_dlq, key_type=bytes, value_type=bytes,
-                          partitions=settings.topic_partitions)
 
-    options = _table_options(store)
-    scratch_dir = settings.processor_data_dir / "scratch"
-    spill.clear_scratch(scratch_dir)  # what an emission interrupted by a crash left behind
-    # Faust creates the changelogs itself: with 3+ replicas they refuse a write one copy would hold,
-    # as the topics `heapsync topics` makes do (a broker's default min.insync.replicas is 1)
-    min_isr = min_insync_replicas(settings.topic_replication)
-    changelog_configs = {"min.insync.replicas": str(min_isr)} if min_isr is not None else None
 
-    def table(name: str, value_type: type | None = None) -> TableT:
-        # Faust picks serializers from key_type/value_type: str keys as JSON, bytes values raw, others JSON.
-        return app.Table(name, default=None, partitions=settings.topic_partitions, key_type=str,
-                         value_type=value_type, options=dict(options) if options else None,
-                         extra_topic_configs=changelog_configs)
+class Worker:
+    """One processor's Faust app and what it runs: the pages agent, the leader's tick timer, the metrics.
 
-    assembler = Assembler(
-        table("pages", bytes), table("syncs"), table("segments"), table("done"),
-        done_days=table("done_days"),
-        # a done marker guards against its sync's pages being read again: not possible after their retention
-        done_retention_seconds=settings.topic_retention_days * 86_400,
-        chunk_size=settings.delta_chunk_size,
-        timeout_seconds=settings.sync_timeout_seconds,
-        partial_policy=settings.partial_policy,
-        accounts=accounts,
-        cache_max_ids=settings.processor_cache_max_ids,
-        emit_max_ids=settings.processor_emit_max_ids,
-        scratch_dir=scratch_dir,
-    )
-    app.assembler = assembler  # type: ignore[attr-defined]
-    exporter = metrics.Exporter()
+    Everything Faust calls is a named method here; the rules stay in :class:`Assembler`. Built by
+    :func:`create_app`, which hands Faust the app (the app keeps this object alive through its handlers).
+    """
 
-    async def send_dead_letters(letters: list[DeadLetter]) -> None:
-        # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
-        futures = [await dlq_topic.send(key=key, value=value)
-                   for d in letters for key, value in d.records(settings.dead_letter_part_bytes)]
-        if futures:
-            await asyncio.gather(*futures)
+    def __init__(self, settings: Settings, accounts: Mapping[str, Account] | None = None) -> None:
+        self.settings = settings
+        self.accounts = accounts  # the per-segment settings (pinned list names, disabled segments)
+        self.app = faust.App(settings.processor_group, **_app_options(settings))
+        topics = settings.topics
+        self.pages_topic = self._topic(topics.pages)
+        self.deltas_topic = self._topic(topics.deltas)
+        self.dlq_topic = self._topic(topics.assembler_dlq)
+        self.assembler = self._assembler()
+        self.app.assembler = self.assembler  # type: ignore[attr-defined]
+        self.exporter = metrics.Exporter()
+        self._wire()
 
-    async def publish(em: Emission) -> None:
-        """Send an emission and wait until the broker has it: only then may the sync count as done.
+    # -- building ------------------------------------------------------------------
 
-        Chunks are made one at a time as they are sent; at most ``processor_emit_inflight_chunks``
-        wait for the broker's acknowledgement, so a large sync's output is never all in memory."""
-        pending: deque[Awaitable[Any]] = deque()
-        adds = removes = 0
-        first: Delta | None = None
-        for delta in em.iter_deltas():
-            pending.append(await deltas_topic.send(
-                key=f"{delta.account}:{delta.list_name}".encode(),
-                value=delta.model_dump_json().encode(),
-            ))
-            adds, removes = adds + len(delta.add), removes + len(delta.remove)
-            first = first or delta.model_copy(update={"add": [], "remove": []})
-            while len(pending) >= settings.processor_emit_inflight_chunks:
-                await pending.popleft()
-        if pending:
-            await asyncio.gather(*pending)
-        if first is not None:
-            d = first
-            log.info("delta emitted", extra={
-                "delta_id": d.delta_id, "account": d.account, "list": d.list_name, "kind": d.kind,
-                "chunks": d.chunks, "adds": adds, "removes": removes, "complete": d.complete,
-                "missing_pages": len(d.missing_pages), "replay_id": d.replay_id,
-            })
-        if em.dead_letter is not None:
-            await send_dead_letters([em.dead_letter])
+    def _topic(self, name: str) -> TopicT:
+        return self.app.topic(name, key_type=bytes, value_type=bytes, partitions=self.settings.topic_partitions)
 
-    async def emit_ready(step: Step) -> None:
-        for seg in step.segments:
-            while True:
-                started = time.perf_counter()
-                em = assembler.next_emission(seg, time.time())
-                if em is None:
-                    break
-                try:
-                    for _ in em.prepare():  # a spilled sync's buckets: let heartbeats and acks through
-                        await asyncio.sleep(0)
-                    built = time.perf_counter()
-                    await publish(em)
-                finally:
-                    em.close()  # its scratch files, if publishing stopped half-way
-                log.debug("emission built in %d ms, published in %d ms", (built - started) * 1000,
-                          (time.perf_counter() - built) * 1000)
-                assembler.mark_emitted(em)
-                await app.producer.flush()  # the done marker is durable before the pages go
-                assembler.forget(em)
+    def _assembler(self) -> Assembler:
+        settings = self.settings
+        options = _table_options(settings.processor_store)
+        scratch_dir = settings.processor_data_dir / "scratch"
+        spill.clear_scratch(scratch_dir)  # what an emission interrupted by a crash left behind
+        # Faust creates the changelogs itself: with 3+ replicas they refuse a write one copy would hold,
+        # as the topics `heapsync topics` makes do (a broker's default min.insync.replicas is 1)
+        min_isr = min_insync_replicas(settings.topic_replication)
+        changelog_configs = {"min.insync.replicas": str(min_isr)} if min_isr is not None else None
 
-    def handle(raw: bytes, partition: int, offset: int = -1) -> Step:
+        def table(name: str, value_type: type | None = None) -> TableT:
+            # Faust picks serializers from key_type/value_type: str keys as JSON, bytes values raw, others JSON.
+            return self.app.Table(name, default=None, partitions=settings.topic_partitions, key_type=str,
+                                  value_type=value_type, options=dict(options) if options else None,
+                                  extra_topic_configs=changelog_configs)
+
+        return Assembler(
+            table("pages", bytes), table("syncs"), table("segments"), table("done"),
+            done_days=table("done_days"),
+            # a done marker guards against its sync's pages being read again: not possible after their retention
+            done_retention_seconds=settings.topic_retention_days * 86_400,
+            chunk_size=settings.delta_chunk_size,
+            timeout_seconds=settings.sync_timeout_seconds,
+            partial_policy=settings.partial_policy,
+            accounts=self.accounts,
+            cache_max_ids=settings.processor_cache_max_ids,
+            emit_max_ids=settings.processor_emit_max_ids,
+            scratch_dir=scratch_dir,
+        )
+
+    def _wire(self) -> None:
+        """Hand Faust the agent, the rebalance handlers and the timers (what the decorators did)."""
+        app, settings = self.app, self.settings
+        app.agent(self.pages_topic, name="processors.worker.assemble")(self.assemble)
+        # faust's signal stubs reject any coroutine handler
+        app.on_partitions_revoked.connect(self.on_revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self.on_assigned)  # type: ignore[arg-type]
+        app.timer(interval=tick_interval(settings.sync_timeout_seconds), on_leader=True)(self.tick)
+        if settings.metrics_port is not None:
+            app.task(self.serve_metrics)
+            self._lag_reporter = metrics.LagReporter(settings.kafka_bootstrap, settings.processor_group,
+                                                     settings.topics.pages)
+            app.timer(interval=lag.LAG_INTERVAL_SECONDS)(self.report_lag)
+
+    # -- the agent -------------------------------------------------------------------
+
+    async def assemble(self, stream: Any) -> Any:
+        """The pages agent: each event through the assembler, what it returns published before the next."""
+        # A page makes ~1,000 short-lived dicts; with the default thresholds the collector keeps
+        # rescanning Faust's long-lived objects. Freeze those and collect young objects less often.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
+        async for event in stream.events():
+            step = self.handle(event.value, event.message.partition, event.message.offset)
+            if step.dead_letters:
+                await self.send_dead_letters(step.dead_letters)
+            await self.emit_ready(step)
+            self.exporter.update(self.assembler.counters)
+            yield None
+
+    def handle(self, raw: bytes, partition: int, offset: int = -1) -> Step:
+        """One record of the pages topic (a tick, a sync page, a drain) to the assembler's next step."""
         if is_tick(raw):
-            step = assembler.on_tick(partition=partition, now=time.time())
+            step = self.assembler.on_tick(partition=partition, now=time.time())
             metrics.set_open_syncs(partition, step.open_syncs or 0, step.oldest_open_seconds)
             return step
         try:
@@ -232,60 +225,102 @@ def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None
                 info = payload.data.sync_info
                 log.debug("page %s/%s of sync %s segment %s partition %s offset %s", info.page_number,
                           info.total_pages, info.sync_task_id[:8], payload.data.segment.id, partition, offset)
-            step = assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
-                                          replay_id=record.replay_id, add=record.add, remove=record.remove)
+            step = self.assembler.on_sync_page(record.account, payload, partition=partition, now=time.time(),
+                                               replay_id=record.replay_id, add=record.add, remove=record.remove)
             for letter in step.dead_letters:  # a late page: keep the whole record, so `heapsync dlq` can re-drive it
                 letter.detail["record"] = orjson.loads(raw)
             return step
         if isinstance(payload, HeapDrain):
-            return assembler.on_drain(record.account, payload, request_id=record.request_id,
-                                      partition=partition, now=time.time(), replay_id=record.replay_id,
-                                      signed_digest=record.signed_digest)
+            return self.assembler.on_drain(record.account, payload, request_id=record.request_id,
+                                           partition=partition, now=time.time(), replay_id=record.replay_id,
+                                           signed_digest=record.signed_digest)
         # The ingress sends unknown action types to the rejected topic; never drop one silently here.
         log.error("pages record with an unknown action type; dead-lettered",
                   extra={"partition": partition, "action_type": payload.action_type})
         return Step(dead_letters=[DeadLetter("unknown action type", f"partition-{partition}",
                                              {"value": raw.decode("utf-8", "replace")})])
 
-    @app.agent(pages_topic)
-    async def assemble(stream: Any) -> Any:
-        # A page makes ~1,000 short-lived dicts; with the default thresholds the collector keeps
-        # rescanning Faust's long-lived objects. Freeze those and collect young objects less often.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 20)
-        async for event in stream.events():
-            step = handle(event.value, event.message.partition, event.message.offset)
-            if step.dead_letters:
-                await send_dead_letters(step.dead_letters)
-            await emit_ready(step)
-            exporter.update(assembler.counters)
-            yield None
+    async def emit_ready(self, step: Step) -> None:
+        """Publish every emission the step's segments have ready, each durable before its pages are dropped."""
+        assembler = self.assembler
+        for seg in step.segments:
+            while True:
+                started = time.perf_counter()
+                em = assembler.next_emission(seg, time.time())
+                if em is None:
+                    break
+                try:
+                    for _ in em.prepare():  # a spilled sync's buckets: let heartbeats and acks through
+                        await asyncio.sleep(0)
+                    built = time.perf_counter()
+                    await self.publish(em)
+                finally:
+                    em.close()  # its scratch files, if publishing stopped half-way
+                log.debug("emission built in %d ms, published in %d ms", (built - started) * 1000,
+                          (time.perf_counter() - built) * 1000)
+                assembler.mark_emitted(em)
+                await self.app.producer.flush()  # the done marker is durable before the pages go
+                assembler.forget(em)
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal stubs reject any coroutine handler
-    async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+    async def publish(self, em: Emission) -> None:
+        """Send an emission and wait until the broker has it: only then may the sync count as done.
+
+        Chunks are made one at a time as they are sent; at most ``processor_emit_inflight_chunks``
+        wait for the broker's acknowledgement, so a large sync's output is never all in memory."""
+        pending: deque[Awaitable[Any]] = deque()
+        adds = removes = 0
+        first: Delta | None = None
+        for delta in em.iter_deltas():
+            pending.append(await self.deltas_topic.send(
+                key=f"{delta.account}:{delta.list_name}".encode(),
+                value=delta.model_dump_json().encode(),
+            ))
+            adds, removes = adds + len(delta.add), removes + len(delta.remove)
+            first = first or delta.model_copy(update={"add": [], "remove": []})
+            while len(pending) >= self.settings.processor_emit_inflight_chunks:
+                await pending.popleft()
+        if pending:
+            await asyncio.gather(*pending)
+        if first is not None:
+            d = first
+            log.info("delta emitted", extra={
+                "delta_id": d.delta_id, "account": d.account, "list": d.list_name, "kind": d.kind,
+                "chunks": d.chunks, "adds": adds, "removes": removes, "complete": d.complete,
+                "missing_pages": len(d.missing_pages), "replay_id": d.replay_id,
+            })
+        if em.dead_letter is not None:
+            await self.send_dead_letters([em.dead_letter])
+
+    async def send_dead_letters(self, letters: list[DeadLetter]) -> None:
+        # one dead letter may be more than a record holds: split (heapsync/dlq_parts.py), never refused
+        futures = [await self.dlq_topic.send(key=key, value=value)
+                   for d in letters for key, value in d.records(self.settings.dead_letter_part_bytes)]
+        if futures:
+            await asyncio.gather(*futures)
+
+    # -- rebalances, timers, metrics ---------------------------------------------------
+
+    async def on_revoked(self, app: faust.App, revoked: Any, **kwargs: Any) -> None:
         # Another worker may take these partitions over; our in-memory net states would go stale.
-        assembler.clear_cache()
-        metrics.forget_partitions(tp.partition for tp in revoked if tp.topic == topics.pages)
+        self.assembler.clear_cache()
+        metrics.forget_partitions(tp.partition for tp in revoked if tp.topic == self.settings.topics.pages)
 
-    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
-    async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
-        assembler.clear_cache()
+    async def on_assigned(self, app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        self.assembler.clear_cache()
 
-    @app.timer(interval=tick_interval(settings.sync_timeout_seconds), on_leader=True)
-    async def tick() -> None:
-        for partition in range(settings.topic_partitions):
-            await pages_topic.send(value=TICK, partition=partition)
+    async def tick(self) -> None:
+        """On the leader: a tick into every pages partition, handled in order with its pages (timeouts)."""
+        for partition in range(self.settings.topic_partitions):
+            await self.pages_topic.send(value=TICK, partition=partition)
 
-    if settings.metrics_port is not None:
-        @app.task
-        async def serve_metrics() -> None:
-            metrics.serve(settings.metrics_port)  # type: ignore[arg-type]
+    async def serve_metrics(self) -> None:
+        metrics.serve(self.settings.metrics_port)  # type: ignore[arg-type]
 
-        lag_reporter = metrics.LagReporter(settings.kafka_bootstrap, settings.processor_group, topics.pages)
+    async def report_lag(self) -> None:
+        await self._lag_reporter.report(self.app.is_leader())
 
-        @app.timer(interval=lag.LAG_INTERVAL_SECONDS)
-        async def report_lag() -> None:
-            await lag_reporter.report(app.is_leader())
 
-    return app
+def create_app(settings: Settings, accounts: Mapping[str, Account] | None = None) -> faust.App:
+    """The worker's Faust app (what ``heapsync processor`` runs), wired by :class:`Worker`; ``accounts``
+    gives the per-segment settings (pinned list names, disabled segments)."""
+    return Worker(settings, accounts).app

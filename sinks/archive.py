@@ -36,7 +36,8 @@ from prometheus_client import Counter
 
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
-from sinks.base import DeadLetters, SinkRunner, make_runner
+from sinks.protocol import DeadLetters
+from sinks.runner import SinkRunner, make_runner
 
 log = logging.getLogger("heapsync.sink.archive")
 
@@ -151,7 +152,7 @@ class ArchiveWriter:
 
 
 class ArchiveSink:
-    """A :class:`sinks.base.DeltaSink` writing every chunk to JSON Lines files."""
+    """A :class:`sinks.protocol.DeltaSink` writing every chunk to JSON Lines files."""
 
     name = "archive"
 

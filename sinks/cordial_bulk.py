@@ -19,10 +19,10 @@ import time
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
 from sinks import cordial_import, metrics
-from sinks.base import DeadLetters
 from sinks.cordial_client import CordialClient, CordialError
 from sinks.filehost import SignedFileHost
 from sinks.operations import Operation, delta_ref
+from sinks.protocol import DeadLetters
 
 log = logging.getLogger("heapsync.sink.cordial.bulk")
 

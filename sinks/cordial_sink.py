@@ -17,11 +17,12 @@ from collections.abc import Callable
 from heapsync.contracts import Delta
 from heapsync.settings import Account, AccountError, RemovalRail, Settings, removal_rail_for
 from sinks import metrics, operations
-from sinks.base import ChunkResult, DeadLetters, SinkRunner, make_runner
 from sinks.cordial_bulk import BulkImporter
 from sinks.cordial_client import CordialClient, CordialError
 from sinks.filehost import SignedFileHost
 from sinks.operations import delta_ref
+from sinks.protocol import ChunkResult, DeadLetters
+from sinks.runner import SinkRunner, make_runner
 
 log = logging.getLogger("heapsync.sink.cordial")
 

@@ -18,7 +18,7 @@ import pytest
 
 from heapsync.contracts import PageRecord, delta_id_for, signed_digest
 from heapsync_dev.samples import drain_request, heap_request
-from ingest import app
+from ingest.records import page_record_bytes
 from processors.records import parse_record
 from tests.conftest import Pipeline
 from tests.ingest_support import read_topic
@@ -35,12 +35,12 @@ def test_the_digest_is_of_exactly_what_the_signature_covers() -> None:
 
 def test_the_pages_record_carries_the_digest_and_the_assembler_reads_it() -> None:
     digest = signed_digest("1764615600000", DRAIN)
-    raw = app.page_record_bytes("acme", "req-1", NOW, DRAIN, digest)
+    raw = page_record_bytes("acme", "req-1", NOW, DRAIN, digest)
     assert PageRecord.model_validate_json(raw) == PageRecord(
         account="acme", request_id="req-1", received_at=NOW, payload=orjson.loads(DRAIN), signed_digest=digest)
     assert parse_record(raw).signed_digest == digest
     # the slow path (a payload the one-pass parser leaves to pydantic) reads it too
-    odd = app.page_record_bytes("acme", "req-1", NOW, orjson.dumps({**drain_request(), "data": {
+    odd = page_record_bytes("acme", "req-1", NOW, orjson.dumps({**drain_request(), "data": {
         "segment": {"id": 7, "name": "Seven"}}}), digest)
     assert parse_record(odd).signed_digest == digest
 
@@ -51,7 +51,7 @@ def test_records_without_the_field_still_read_and_syncs_are_written_as_before() 
     page = parse_record(old)
     assert (page.request_id, page.signed_digest) == ("req-1", None)
     sync = orjson.dumps(heap_request("t", 1, 1, add=["a@x.io"]))
-    assert b"signed_digest" not in app.page_record_bytes("acme", "req-2", NOW, sync)
+    assert b"signed_digest" not in page_record_bytes("acme", "req-2", NOW, sync)
 
 
 @pytest.mark.integration

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from heapsync import contracts
 from heapsync.contracts import PageRecord, RejectedRecord
 from heapsync_dev.samples import drain_request, heap_request
-from ingest import app, openapi, signature
+from ingest import app, openapi, records, signature
+from ingest import body as reading
 
 NOW = datetime(2026, 11, 24, 5, 0, 1, 123456, tzinfo=timezone.utc)
 
@@ -35,7 +36,7 @@ json_values = st.recursive(
 def test_page_record_bytes_reads_back_as_the_page_record(extra: dict[str, Any], ids: list[str], indent: bool) -> None:
     payload = {**extra, **heap_request("task", 1, 1, add=ids, remove=[])}
     body = orjson.dumps(payload, option=orjson.OPT_INDENT_2 if indent else 0)
-    raw = app.page_record_bytes("acme", "req-1", NOW, body)
+    raw = records.page_record_bytes("acme", "req-1", NOW, body)
     expected = PageRecord(account="acme", request_id="req-1", received_at=NOW, payload=payload)
     assert PageRecord.model_validate_json(raw) == expected
     assert orjson.loads(raw)["payload"] == payload
@@ -44,8 +45,8 @@ def test_page_record_bytes_reads_back_as_the_page_record(extra: dict[str, Any], 
 def test_rejected_record_keeps_the_raw_request_without_secrets() -> None:
     headers = CIMultiDict({"Content-Type": "application/json", "Heap-Hash": "ts:1,hmac:abc",
                            "authorization": "Bearer x", "User-Agent": "heap"})
-    raw = app.rejected_record_bytes("acme", "req-2", NOW, "invalid payload",
-                                    [{"path": "data", "message": "m", "type": "t"}], app.safe_headers(headers),
+    raw = records.rejected_record_bytes("acme", "req-2", NOW, "invalid payload",
+                                    [{"path": "data", "message": "m", "type": "t"}], records.safe_headers(headers),
                                     b'{"half":')
     record = RejectedRecord.model_validate_json(raw)
     assert record.body == '{"half":' and record.body_base64 is None and not record.body_truncated
@@ -55,15 +56,15 @@ def test_rejected_record_keeps_the_raw_request_without_secrets() -> None:
 
 def test_rejected_record_keeps_exact_bytes_that_are_not_utf8() -> None:
     body = b'{"id":"\xff\xfe"}'
-    record = RejectedRecord.model_validate_json(app.rejected_record_bytes("a", "r", NOW, "x", [], {}, body))
+    record = RejectedRecord.model_validate_json(records.rejected_record_bytes("a", "r", NOW, "x", [], {}, body))
     assert base64.b64decode(record.body_base64 or "") == body
 
 
 def test_a_rejected_body_too_big_for_one_record_is_cut_and_flagged() -> None:
-    body = b"\x01" * (app.REJECTED_RECORD_MAX_BYTES // 5)  # escapes to 6 bytes each: would not fit
-    raw = app.rejected_record_bytes("a", "r", NOW, "x", [], {}, body)
+    body = b"\x01" * (records.REJECTED_RECORD_MAX_BYTES // 5)  # escapes to 6 bytes each: would not fit
+    raw = records.rejected_record_bytes("a", "r", NOW, "x", [], {}, body)
     record = RejectedRecord.model_validate_json(raw)
-    assert len(raw) <= app.REJECTED_RECORD_MAX_BYTES
+    assert len(raw) <= records.REJECTED_RECORD_MAX_BYTES
     assert record.body_truncated and body.decode().startswith(record.body)
 
 
@@ -75,8 +76,8 @@ def test_request_ids_from_callers_are_kept_only_when_sane() -> None:
 
 
 def test_records_of_one_segment_share_a_key() -> None:
-    assert app.record_key("acme", "15225086") == app.record_key("acme", "15225086") == b"acme:15225086"
-    assert app.record_key("acme", "1") != app.record_key("other", "1")
+    assert records.record_key("acme", "15225086") == records.record_key("acme", "15225086") == b"acme:15225086"
+    assert records.record_key("acme", "1") != records.record_key("other", "1")
 
 
 # ---------------------------------------------------------------- the OpenAPI document
@@ -195,7 +196,7 @@ def test_loop_metrics_expose_like_prometheus_client() -> None:
 
 
 def decode(chunks: list[bytes], encoding: str | None, limit: int = 1 << 20, wire_limit: int = 1 << 20) -> bytes:
-    decoder = app.BodyDecoder(encoding, limit, wire_limit)
+    decoder = reading.BodyDecoder(encoding, limit, wire_limit)
     for chunk in chunks:
         decoder.feed(chunk)
     return decoder.finish()
@@ -220,17 +221,17 @@ def test_any_byte_after_the_compressed_stream_is_refused(body: bytes, trailing: 
                                                          cuts: list[int]) -> None:
     """Issue 16 #1: what followed the end of the stream went uncounted into ``unused_data``."""
     sent = (gzip.compress(body) if encoding == "gzip" else zlib.compress(body)) + trailing
-    with pytest.raises(app.UnreadableBody, match="after the end of the compressed stream"):
+    with pytest.raises(reading.UnreadableBody, match="after the end of the compressed stream"):
         decode(split(sent, cuts), encoding)
 
 
 def test_trailing_bytes_are_refused_at_the_first_chunk_that_holds_them() -> None:
-    decoder = app.BodyDecoder("gzip", 1 << 20, 1 << 20)
+    decoder = reading.BodyDecoder("gzip", 1 << 20, 1 << 20)
     decoder.feed(gzip.compress(b"{}"))  # the stream ends exactly at a chunk's end
-    with pytest.raises(app.UnreadableBody):
+    with pytest.raises(reading.UnreadableBody):
         decoder.feed(b"\0" * 65536)
-    second_member = app.BodyDecoder("gzip", 1 << 20, 1 << 20)
-    with pytest.raises(app.UnreadableBody):
+    second_member = reading.BodyDecoder("gzip", 1 << 20, 1 << 20)
+    with pytest.raises(reading.UnreadableBody):
         second_member.feed(gzip.compress(b"{}") + gzip.compress(b"{}"))
 
 
@@ -241,7 +242,7 @@ def test_the_decoded_size_is_bounded_however_it_is_chunked(size: int, limit: int
     body = b" " * size
     sent = gzip.compress(body) if encoding == "gzip" else zlib.compress(body) if encoding == "deflate" else body
     if size > limit:
-        with pytest.raises(app.BodyTooLarge) as exc:
+        with pytest.raises(reading.BodyTooLarge) as exc:
             decode(split(sent, cuts), encoding, limit=limit)
         assert exc.value.limit == limit and exc.value.counted == "decoded"
     else:
@@ -250,13 +251,13 @@ def test_the_decoded_size_is_bounded_however_it_is_chunked(size: int, limit: int
 
 def test_compressed_bytes_count_against_their_own_limit() -> None:
     sent = gzip.compress(os.urandom(4000))  # does not compress: more bytes sent than decoded
-    with pytest.raises(app.BodyTooLarge) as exc:
+    with pytest.raises(reading.BodyTooLarge) as exc:
         decode(split(sent, [1000, 2000, 3000]), "gzip", limit=1 << 20, wire_limit=3000)
     assert exc.value.limit == 3000 and exc.value.counted == "compressed"
-    with pytest.raises(app.UnreadableBody, match="ends early"):
+    with pytest.raises(reading.UnreadableBody, match="ends early"):
         decode([gzip.compress(b"{}")[:-3]], "gzip")
-    with pytest.raises(app.UnsupportedEncoding):
-        app.BodyDecoder("br", 10, 10)
+    with pytest.raises(reading.UnsupportedEncoding):
+        reading.BodyDecoder("br", 10, 10)
 
 
 # ---------------------------------------------------------------- header bytes that are not UTF-8
@@ -266,16 +267,16 @@ def test_header_bytes_that_are_not_utf8_are_kept_exactly_and_serialise() -> None
     """Issue 16 #11: aiohttp hands such bytes over as lone surrogates, which no JSON encoder takes."""
     escaped = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # what aiohttp makes of the raw bytes
     headers = CIMultiDict({"X-Forwarded-For": escaped, "User-Agent": "héllo", "Heap-Hash": escaped})
-    kept = app.safe_headers(headers)
+    kept = records.safe_headers(headers)
     assert kept == {"X-Forwarded-For": "caf\\xe9 \\xff", "User-Agent": "héllo"}
-    raw = app.rejected_record_bytes("acme", "r", NOW, "invalid payload", [], kept, b"{}")
+    raw = records.rejected_record_bytes("acme", "r", NOW, "invalid payload", [], kept, b"{}")
     assert RejectedRecord.model_validate_json(raw).headers["X-Forwarded-For"] == "caf\\xe9 \\xff"
-    assert app.printable("plain") == "plain" and app.printable("\ud800x") == "?x"
+    assert records.printable("plain") == "plain" and records.printable("\ud800x") == "?x"
 
 
 @given(raw=st.binary(max_size=40))
 def test_any_header_bytes_become_printable_json(raw: bytes) -> None:
-    text = app.printable(raw.decode("utf-8", "surrogateescape"))
+    text = records.printable(raw.decode("utf-8", "surrogateescape"))
     assert orjson.loads(orjson.dumps(text)) == text
     if raw.isascii():
         assert text == raw.decode()

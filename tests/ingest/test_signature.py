@@ -206,3 +206,9 @@ def test_pair_order_spacing_and_case_do_not_matter(order: list[str], spaces: lis
     header = f"{spaces[0]}{key(a)}{spaces[1]}:{values[a]},{spaces[2]}{key(b)}:{spaces[3]}{values[b]}"
     assert parse_heap_hash(header) == HeapHash(values["ts"], values["hmac"])
     assert problem_of(header) is None
+
+
+@pytest.mark.parametrize("problem", list(SignatureProblem))
+def test_only_a_stale_or_future_timestamp_is_a_timestamp_problem(problem: SignatureProblem) -> None:
+    # the ingress answers these with the accepted window; one rule, in the signature module
+    assert problem.is_timestamp == (problem in (SignatureProblem.STALE, SignatureProblem.FUTURE))

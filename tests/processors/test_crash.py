@@ -22,7 +22,7 @@ from heapsync.contracts import Delta, PageRecord, delta_id_for
 from heapsync.kafka import ensure_topics
 from heapsync.settings import Settings
 from heapsync_dev.samples import heap_request
-from ingest.app import record_key
+from ingest.records import record_key
 from processors import rules
 from tests.conftest import Pipeline
 

@@ -15,9 +15,10 @@ from hypothesis import strategies as st
 
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
-from sinks import base
-from sinks.base import DeadLetters, SinkRunner
+from sinks import runner as runner_module
 from sinks.offsets import AppliedChunks, record_time
+from sinks.protocol import DeadLetters
+from sinks.runner import SinkRunner
 
 DAY = 86_400.0
 
@@ -94,7 +95,7 @@ def _delta() -> Delta:
 
 async def test_the_runner_forgets_applied_chunks_past_the_cap_and_the_retention(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1_000_000.0]
-    monkeypatch.setattr(base.time, "time", lambda: clock[0])
+    monkeypatch.setattr(runner_module.time, "time", lambda: clock[0])
     settings = Settings(sink_applied_max_chunks=100, topic_retention_days=1)
     runner = SinkRunner(_Sink(), settings, DeadLetters(_Producer(), "dlq", "fake"))  # type: ignore[arg-type]
     deltas = [_delta() for _ in range(1000)]

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from heapsync_dev.processes import free_port
-from sinks.base import poll_budget, should_pause
+from sinks.runner import poll_budget, should_pause
 from tests.conftest import Pipeline
 from tests.sink_helpers import make_delta, produce, read_topic, sim_members, sim_state, wait_for
 

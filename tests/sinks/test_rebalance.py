@@ -27,8 +27,9 @@ from confluent_kafka import TopicPartition
 
 from heapsync.contracts import Delta
 from heapsync.settings import Settings
-from sinks import base
-from sinks.base import DeadLetters, SinkRunner
+from sinks import runner as runner_module
+from sinks.protocol import DeadLetters
+from sinks.runner import SinkRunner
 
 TOPIC = "deltas"
 Effect = tuple[str, str]  # (owner, delta_id)
@@ -207,7 +208,7 @@ def start_owner(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Owner
               concurrent: bool = True) -> Owner:
         loop = asyncio.get_running_loop()
         consumer = FakeConsumer(world, loop)
-        monkeypatch.setattr(base, "Consumer", lambda config: consumer)
+        monkeypatch.setattr(runner_module, "Consumer", lambda config: consumer)
         sink = ListSink(name, world, set(hold), concurrent)
         settings = Settings(sink_revoke_grace_seconds=grace, sink_shutdown_grace_seconds=5, metrics_port=None)
         runner = SinkRunner(sink, settings, DeadLetters(FakeProducer(), "dlq", sink.name), group="g")  # type: ignore[arg-type]
