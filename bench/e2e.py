@@ -523,8 +523,9 @@ def report_ceilings(r: dict[str, Any], ceiling: dict[str, Any] | None, sim_cpu: 
         note = f" (measured on {rows:,} rows, scaled)" if rows < ids else ""
         print(f"  ceiling, the simulator's own import of the same rows: {scaled:.1f} CPU-s{note}; the simulator used "
               f"{sim_used:.1f} CPU-s over the sync, {share:.0%} of a core over the import stretch"
-              + (" (at the share of 2 cores a loaded machine gives one process: the SIMULATOR is the bottleneck of "
-                 "that stretch)" if share > 0.4 else ""), flush=True)
+              + ("; the SIMULATOR (one event loop) is the bottleneck of that stretch" if share > 0.8 else
+                 "; not CPU-bound: the stretch waits on job polls (HEAPSYNC_SINK_IMPORT_POLL_SECONDS)"),
+              flush=True)
 
 
 # ---------------------------------------------------------------- the runs
