@@ -30,8 +30,11 @@ lint: $(STAMP)
 
 ## Run the benchmarks and print their results (see BENCHMARKS.md): on Tansu and, when java and mvn are on PATH,
 ## Apache Kafka too (python -m bench --help; --broker tansu|kafka|both, or HEAPSYNC_BENCH_BROKERS).
+## The end-to-end one runs 1M users; 10M: make bench BENCH_ARGS="e2e --users 10000000 --broker tansu"
+## (or HEAPSYNC_BENCH_E2E_USERS=10000000).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 ## Regenerate the published delta JSON Schema from the pydantic model.
 schema: $(STAMP)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["ingest", "assembler", "sink", "archive", "replay"]
-BROKER_BOUND = {"ingest", "assembler", "sink"}
+BENCHMARKS = ["ingest", "assembler", "sink", "archive", "replay", "e2e"]
+BROKER_BOUND = {"ingest", "assembler", "sink", "e2e"}
 """The benchmarks that take ``--broker`` and run on Tansu and on Apache Kafka; replay runs on Tansu, archive on disk."""
 
 USAGE = f"""usage: python -m bench [--broker tansu|kafka|both] [BENCHMARK ...] [OPTIONS]

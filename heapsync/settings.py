@@ -368,6 +368,10 @@ class Settings(BaseSettings):
     sink_max_inflight_messages: int = Field(
         5000, ge=1, description="Delta chunks read but not yet applied; polling pauses above this."
     )
+    sink_max_inflight_ids: int = Field(
+        250_000, ge=1, description="Operations (ids) in delta chunks read but not yet applied; polling pauses above "
+        "this, so the sink's memory is bounded by it and not by the size of a sync."
+    )
     sink_lane_parallel_chunks: int = Field(
         8, ge=1, description="Chunks of one delta applied at once (they touch disjoint ids)."
     )

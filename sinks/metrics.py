@@ -41,6 +41,8 @@ HELD = Gauge(
     "replica of a sink reports all of them: take the max).", ["sink", "account"],
 )
 INFLIGHT = Gauge("heapsync_sink_inflight_chunks", "Delta chunks read from Kafka and not yet applied.", ["sink"])
+INFLIGHT_IDS = Gauge("heapsync_sink_inflight_ids", "Operations in the delta chunks read and not yet applied.",
+                     ["sink"])
 COMMITTED = Gauge("heapsync_sink_committed_offset", "Last committed offset per partition.", ["sink", "partition"])
 
 

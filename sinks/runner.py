@@ -15,7 +15,9 @@ How the loop keeps at-least-once without letting one slow account block the rest
 - After a chunk is applied an :class:`AppliedChunk` is written to the compacted
   progress topic; on start the runner reads it back and skips chunks it already
   applied (a repeat after a crash or rebalance), and ``heapsync status`` shows it.
-- Polling pauses while ``sink_max_inflight_messages`` chunks are unfinished.
+- Polling pauses while ``sink_max_inflight_messages`` chunks or ``sink_max_inflight_ids`` operations are
+  unfinished, and one poll never takes more than what is left of either: the sink's memory is bounded by
+  these settings, not by the size of a sync (a 10-million-user delta is 2,000 chunks; only a few are held).
 - Rebalance: the consumer is polled in a thread of its own, so the revoke callback (which
   confluent-kafka calls from inside ``consume``, in the polling thread) can wait while the event
   loop finishes the revoked partitions' in-flight chunks, for at most ``sink_revoke_grace_seconds``;
@@ -90,6 +92,30 @@ class _Lane:
     running: list[_Item] = field(default_factory=list)
 
 
+def operations_in(delta: Delta | None) -> int:
+    """Operations a queued item holds (at least 1): what ``sink_max_inflight_ids`` counts."""
+    return max(1, len(delta.add) + len(delta.remove)) if delta is not None else 1
+
+
+def poll_budget(inflight: int, inflight_ids: int, max_chunks: int, max_ids: int, chunk_size: int,
+                batch: int = 500) -> int:
+    """How many messages the next poll may take: what is left of both bounds (one chunk counted as
+    ``chunk_size`` operations, the most it holds), at least 1 and at most ``batch``.
+
+    Pure, so the bound is tested directly: a full poll of 500 chunks of 5,000 ids would otherwise add
+    2.5 million ids at once, whatever the in-flight limits say."""
+    by_chunks = max_chunks - inflight
+    by_ids = (max_ids - inflight_ids) // max(1, chunk_size)
+    return max(1, min(batch, by_chunks, by_ids))
+
+
+def should_pause(paused: bool, inflight: int, inflight_ids: int, max_chunks: int, max_ids: int) -> bool:
+    """Whether polling stays (or becomes) paused: above either bound pause; resume below half of both."""
+    if not paused:
+        return inflight >= max_chunks or inflight_ids >= max_ids
+    return not (inflight < max(1, max_chunks // 2) and inflight_ids < max(1, max_ids // 2))
+
+
 def lane_key(delta: Delta | None) -> str:
     """One lane per list (the deltas topic's key, ``heapsync.contracts.list_key``)."""
     return list_key(delta.account, delta.list_name) if delta is not None else "~unreadable"
@@ -111,6 +137,8 @@ class SinkRunner:
         self._lanes: dict[str, _Lane] = {}
         self._progress: dict[tuple[str, int], PartitionProgress] = {}
         self._inflight = 0
+        self._inflight_ids = 0
+        self._ops: dict[int, int] = {}  # id(item) -> operations counted when it was queued
         self._paused = False
         self._failure: BaseException | None = None
         self._consumer: Consumer | None = None
@@ -427,6 +455,7 @@ class SinkRunner:
                 finally:
                     lane.running = []
                     self._inflight -= len(batch)
+                    self._inflight_ids -= sum(self._ops.pop(id(i), 1) for i in batch)
                 for result in results:
                     # a chunk cancelled on revoke is not done (not committed): its new owner applies it
                     if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
@@ -441,6 +470,7 @@ class SinkRunner:
             if self._lanes.get(key) is lane:
                 del self._lanes[key]
             self._inflight -= len(lane.queue)
+            self._inflight_ids -= sum(self._ops.pop(id(i), 1) for i in lane.queue)
             lane.queue.clear()
 
     def _enqueue(self, msg: Message) -> None:
@@ -461,6 +491,8 @@ class SinkRunner:
             lane = self._lanes[key] = _Lane()
         lane.queue.append(item)
         self._inflight += 1
+        self._ops[id(item)] = operations_in(item.delta)
+        self._inflight_ids += self._ops[id(item)]
         if lane.task is None or lane.task.done():
             lane.task = asyncio.create_task(self._run_lane(key, lane), name=f"lane {key}")
 
@@ -615,18 +647,26 @@ class SinkRunner:
             # a killed sink's partitions move to a restarted one after 10 s, not Kafka's default 45 s
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 3_000,
+            # what librdkafka prefetches ahead of the in-flight bounds (default 64 MB): ~80 chunks of 5,000 ids
+            "queued.max.messages.kbytes": 16_384,
         }
 
-    def _flow_control(self, consumer: Consumer) -> None:
-        """Stop fetching while too many chunks are unfinished; resume when they drain."""
-        limit = self.settings.sink_max_inflight_messages
-        if not self._paused and self._inflight >= limit:
+    def _flow_control(self, consumer: Consumer) -> int:
+        """Stop fetching while too many chunks or operations are unfinished; resume when they drain.
+        Returns how many messages the next poll may take."""
+        s = self.settings
+        pause = should_pause(self._paused, self._inflight, self._inflight_ids, s.sink_max_inflight_messages,
+                             s.sink_max_inflight_ids)
+        if pause and not self._paused:
             consumer.pause(consumer.assignment())
             self._paused = True
-        elif self._paused and self._inflight < max(1, limit // 2):
+        elif self._paused and not pause:
             consumer.resume(consumer.assignment())
             self._paused = False
         metrics.INFLIGHT.labels(self.sink.name).set(self._inflight)
+        metrics.INFLIGHT_IDS.labels(self.sink.name).set(self._inflight_ids)
+        return poll_budget(self._inflight, self._inflight_ids, s.sink_max_inflight_messages, s.sink_max_inflight_ids,
+                           s.delta_chunk_size)
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
         loop = asyncio.get_running_loop()
@@ -652,8 +692,8 @@ class SinkRunner:
         poller = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sink-{self.sink.name}-poll")
         try:
             while not self._stopping.is_set():
-                self._flow_control(consumer)
-                msgs = await loop.run_in_executor(poller, consumer.consume, 500, 0.05)
+                budget = self._flow_control(consumer)
+                msgs = await loop.run_in_executor(poller, consumer.consume, budget, 0.05)
                 for msg in msgs:
                     if (error := msg.error()) is not None:
                         if error.code() != KafkaError._PARTITION_EOF:

@@ -41,7 +41,7 @@ def test_names_pick_benchmarks_and_the_rest_goes_to_them() -> None:
     assert without_broker(["--broker", "kafka", "--quick", "--broker=tansu"]) == ["--quick"]
 
 
-@pytest.mark.parametrize("name", ["ingest", "assembler", "sink"])
+@pytest.mark.parametrize("name", ["ingest", "assembler", "sink", "e2e"])
 def test_help_of_one_benchmark_prints_its_options_and_runs_nothing(name: str) -> None:
     done = subprocess.run([sys.executable, "-m", "bench", name, "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
@@ -72,3 +72,74 @@ def test_one_broker_failing_still_runs_the_other_and_fails_the_run(capsys: pytes
         run_each("assembler", ["kafka", "tansu"], run)
     assert ran == ["kafka", "tansu"]
     assert "[assembler] FAILED on Apache Kafka" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bench e2e: its arguments and what it posts
+
+
+def test_e2e_runs_1m_by_default_and_the_size_from_the_option_or_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.e2e import USERS_ENV, parse_args
+
+    monkeypatch.delenv(USERS_ENV, raising=False)
+    args = parse_args([])
+    assert (args.users, args.scale_out, args.no_followup, args.quick) == (1_000_000, False, False, False)
+    assert parse_args(["--users", "10000000"]).users == 10_000_000
+    monkeypatch.setenv(USERS_ENV, "10000000")  # how `make bench` runs 10M
+    assert parse_args([]).users == 10_000_000
+    scale = parse_args(["--scale-out", "--segments", "8", "--broker", "tansu"])
+    assert (scale.scale_out, scale.segments, scale.broker) == (True, 8, "tansu")
+
+
+def test_e2e_refuses_a_size_of_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.e2e import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--users", "0"])
+    assert "--users" in capsys.readouterr().err
+
+
+def test_e2e_is_a_broker_bound_benchmark_of_make_bench() -> None:
+    from bench.__main__ import BENCHMARKS, BROKER_BOUND
+
+    assert "e2e" in BENCHMARKS and "e2e" in BROKER_BOUND
+    assert split_args(["e2e", "--users", "5000"]) == (["e2e"], ["--users", "5000"])
+
+
+def test_the_initial_sync_posts_every_user_once_in_pages_of_1000() -> None:
+    from bench.e2e import SyncPlan
+
+    plan = SyncPlan("s", "7", "initial", 2_500)
+    pages = [plan.page(n) for n in range(1, plan.pages + 1)]
+    assert [len(a) for a, _ in pages] == [1000, 1000, 500] and all(not r for _, r in pages)
+    assert {i for a, _ in pages for i in a} == plan.expected() and len(plan.expected()) == 2_500
+    assert plan.ids == 2_500
+
+
+def test_the_followup_removes_30_percent_and_adds_as_many_new_users() -> None:
+    from bench.e2e import SyncPlan
+
+    initial, follow = SyncPlan("a", "7", "initial", 10_000), SyncPlan("b", "7", "followup", 10_000)
+    added = {i for n in range(1, follow.pages + 1) for i in follow.page(n)[0]}
+    removed = {i for n in range(1, follow.pages + 1) for i in follow.page(n)[1]}
+    assert len(added) == len(removed) == 3_000 and follow.ids == 6_000
+    assert all(len(a) + len(r) <= 1000 for a, r in (follow.page(n) for n in range(1, follow.pages + 1)))
+    assert removed <= initial.expected() and not added & initial.expected()
+    assert follow.expected() == (initial.expected() - removed) | added
+
+
+def test_many_segments_are_posted_together_and_spread_over_the_partitions() -> None:
+    import zlib
+
+    from bench.e2e import ACCOUNT, SyncPlan, interleave, spread_segments
+
+    plans = [SyncPlan("a", "1", "initial", 3_000), SyncPlan("b", "2", "initial", 1_000)]
+    assert [(p.sync_id, n) for p, n in interleave(plans)] == [("a", 1), ("b", 1), ("a", 2), ("a", 3)]
+    from bench.e2e import list_name
+    from heapsync.kafka import java_partition
+
+    segments = spread_segments(6, 6)
+    assert len(set(segments)) == 6
+    assert len({zlib.crc32(f"{ACCOUNT}:{s}".encode()) % 6 for s in segments}) == 6  # pages: one worker's share each
+    assert len({java_partition(f"{ACCOUNT}:{list_name(s)}".encode(), 6) for s in segments}) == 6  # deltas: the sinks'
+    assert len(spread_segments(8, 6)) == 8  # more segments than partitions: some share one

@@ -173,12 +173,3 @@ async def test_a_real_rebalance_waits_for_the_chunk_in_flight_before_the_partiti
         await asyncio.wait_for(asyncio.gather(*tasks), 60)  # both stopped: whatever was in flight has landed
     assert [d for _, d in effects] == ["d1", "d2"], effects  # D1 once, before D2, whoever got the partition
     assert members == set()
-
-
-def test_sinks_base_still_names_what_a_sink_is_written_against() -> None:
-    # code written against sinks.base before the protocol and the runner were split keeps working
-    from sinks import base, protocol, runner
-
-    assert (base.DeltaSink, base.ChunkResult, base.DeadLetters) == (protocol.DeltaSink, protocol.ChunkResult,
-                                                                    protocol.DeadLetters)
-    assert (base.SinkRunner, base.make_runner) == (runner.SinkRunner, runner.make_runner)
