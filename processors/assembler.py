@@ -169,6 +169,13 @@ class Output:
         self.dead_letters.extend(other.dead_letters)
 
 
+class StoredPages(dict[int, str]):
+    """Digest of each stored page of a sync, and their total size (``nbytes``): read together, so
+    that deciding whether the sync's net change spills does not read every page a second time."""
+
+    nbytes: int = 0
+
+
 @dataclass
 class _Running:
     """In-memory net state of a sync whose pages 1..next_page-1 are applied (a cache, never the truth)."""
@@ -384,8 +391,8 @@ class Assembler:
                 self._cleanup(head, seg, meta)
                 continue
             if meta["kind"] == "drain":
-                return self._emission(head, meta, {}, complete=True, now=now)
-            stored: dict[int, str] = {}
+                return self._emission(head, meta, StoredPages(), complete=True, now=now)
+            stored = StoredPages()
             if meta["received"] >= meta["total_pages"]:
                 stored = self._stored(head, meta["total_pages"])
                 if len(stored) == meta["total_pages"]:
@@ -482,13 +489,14 @@ class Assembler:
     def _recount(self, skey: str, total: int) -> int:
         return sum(1 for p in range(1, total + 1) if rules.page_key(skey, p) in self.pages)
 
-    def _stored(self, skey: str, total: int) -> dict[int, str]:
-        """Digest of each stored page of the sync (the pages themselves are read again only if needed)."""
-        found: dict[int, str] = {}
+    def _stored(self, skey: str, total: int) -> StoredPages:
+        """Digest and size of each stored page of the sync (the pages themselves are read again only if needed)."""
+        found = StoredPages()
         for p in range(1, total + 1):
             raw = self.pages.get(rules.page_key(skey, p))
             if raw is not None:
                 found[p] = rules.digest(raw)
+                found.nbytes += len(raw)
         return found
 
     def _read_pages(self, skey: str, numbers: Iterable[int], identity_field: str = "") -> Iterator[rules.PageChanges]:
@@ -504,11 +512,16 @@ class Assembler:
             if raw is not None:
                 yield p, rules.normalised_page(identity_field, rules.decode_page(raw))
 
-    def _raw_pages(self, skey: str, numbers: Iterable[int]) -> Iterator[bytes]:
+    def _kept_pages(self, skey: str, numbers: list[int],
+                    identity_field: str) -> Iterator[tuple[int, rules.PageChanges]]:
+        """``_numbered_pages`` for pages read while the emission is prepared, between yields to the
+        event loop: a page found stored before and gone now fails the emission (it is re-driven)
+        instead of leaving the delta short of its ids."""
         for p in numbers:
             raw = self.pages.get(rules.page_key(skey, p))
-            if raw is not None:
-                yield raw
+            if raw is None:
+                raise RuntimeError(f"page {p} of the sync was dropped while its delta was being built")
+            yield p, rules.normalised_page(identity_field, rules.decode_page(raw))
 
     def _enqueue(self, seg: str, skey: str, partition: int, started_at: float | None = None) -> None:
         """Add a sync to its segment's queue, once. A new sync goes last; one put back after a
@@ -549,7 +562,7 @@ class Assembler:
             del self.syncs[skey]
         self._dequeue(seg, skey)
 
-    def _emission(self, skey: str, meta: dict[str, Any], stored: dict[int, str], *,
+    def _emission(self, skey: str, meta: dict[str, Any], stored: StoredPages, *,
                   complete: bool, now: float) -> Emission:
         seg = meta["segment"]
         is_sync = meta["kind"] == "sync"
@@ -606,21 +619,22 @@ class Assembler:
         pinned = segment_settings(self.accounts, meta["account"], meta["segment_id"]).list_name
         return naming.list_name_for(meta["segment_name"], pinned)
 
-    def _net(self, skey: str, meta: dict[str, Any], stored: dict[int, str], complete: bool) -> NetSource:
+    def _net(self, skey: str, meta: dict[str, Any], stored: StoredPages, complete: bool) -> NetSource:
         """Where the delta's ids come from: the running state when it is complete, else the stored
-        pages, in one dict if they are small enough, else spilled to scratch files by hash slot."""
+        pages, in one dict if they are small enough, else spilled to scratch files by hash slot
+        (read by the emission's ``prepare``, a few pages at a time)."""
         if meta["kind"] == "drain":
             return MemoryNet({})
         run = self._running.get(skey)
         if complete and run is not None and run.next_page > meta["total_pages"]:
             return MemoryNet(run.state)
         numbers = sorted(stored)
-        size = sum(len(raw) for raw in self._raw_pages(skey, numbers))
+        size = stored.nbytes
         slots = spill.slots_for(size, self.emit_max_ids)
         if slots == 1:
             return MemoryNet(rules.net_state(self._read_pages(skey, numbers, meta["identity_field"])))
         log.info("sync's net change computed from its stored pages in scratch files",
                  extra={"sync": skey, "pages": len(numbers), "page_bytes": size, "slots": slots})
-        return spill.SpilledNet(self._numbered_pages(skey, numbers, meta["identity_field"]), slots=slots,
+        return spill.SpilledNet(self._kept_pages(skey, numbers, meta["identity_field"]), slots=slots,
                                 max_ids=self.emit_max_ids, scratch_dir=self.scratch_dir)
 

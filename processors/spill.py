@@ -35,6 +35,9 @@ when there are many runs, so that all runs' blocks together stay within ``max_id
 _BUFFER = 64 * 1024
 _SLOT_BUFFER = 8 * 1024
 """Write buffer of each slot file: up to ``MAX_SLOTS`` are open at once."""
+SCATTER_PAGES = 50
+"""Pages written to the slot files between two yields of ``prepare`` (a 10M-id sync is up to
+100,000 pages: written in one go they blocked the worker's event loop for tens of seconds)."""
 
 
 def slots_for(stored_bytes: int, max_ids: int) -> int:
@@ -51,34 +54,34 @@ def clear_scratch(scratch_dir: Path) -> None:
 class SpilledNet:
     """The net change of pages given in page order, as counts and streams of ids.
 
-    Made with pass 1 done (the pages read into slot files); ``prepare`` then computes the
-    buckets one at a time, yielding after each so that the worker's event loop can run in
-    between (heartbeats, acknowledgements). ``removes``/``adds`` are known once prepared (the
-    chunk count needs them before the first chunk); ``remove_ids()``/``add_ids()`` stream the
-    ids, merged from the run files. ``close`` removes the files.
+    Made with nothing read yet; ``prepare`` reads the pages into slot files (pass 1, a yield
+    every ``scatter_pages`` pages) and then computes the buckets one at a time (a yield after
+    each), so that the worker's event loop can run in between (heartbeats, acknowledgements).
+    ``removes``/``adds`` are known once prepared (the chunk count needs them before the first
+    chunk); ``remove_ids()``/``add_ids()`` stream the ids, merged from the run files. ``close`` removes the files.
     """
 
     def __init__(self, pages: Iterable[tuple[int, rules.PageChanges]], *, slots: int, max_ids: int,
-                 scratch_dir: Path | None = None) -> None:
+                 scratch_dir: Path | None = None, scatter_pages: int = SCATTER_PAGES) -> None:
         if scratch_dir is not None:
             scratch_dir.mkdir(parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="emit-", dir=scratch_dir))
         self.removes = self.adds = 0
         self._remove_runs: list[Path] = []
         self._add_runs: list[Path] = []
-        try:
-            counts = self._scatter(pages, slots)
-        except BaseException:
-            self.close()
-            raise
-        self._groups = rules.group_slots(counts, max_ids)
-        self._block = max(16, min(RUN_BLOCK, max_ids // max(1, len(self._groups))))
+        self._max_ids = max_ids
+        self._scattering: Iterator[None] | None = self._scatter(pages, slots, max(1, scatter_pages))
+        self._groups: list[list[int]] = []
+        self._block = RUN_BLOCK
         self._reduced = 0
 
     def prepare(self) -> Iterator[None]:
-        """Pass 2, a bucket at a time (a yield after each; resumes where it stopped); only scratch
-        files are read."""
+        """Pass 1 then pass 2, a few pages or a bucket at a time (a yield after each; resumes where
+        it stopped)."""
         try:
+            if self._scattering is not None:
+                yield from self._scattering
+                self._scattering = None
             while self._reduced < len(self._groups):
                 self._reduce(self._reduced, self._groups[self._reduced])
                 self._reduced += 1
@@ -90,13 +93,15 @@ class SpilledNet:
     def _slot_file(self, slot: int) -> Path:
         return self.dir / f"slot-{slot}"
 
-    def _scatter(self, pages: Iterable[tuple[int, rules.PageChanges]], slots: int) -> list[int]:
-        """Pass 1: every occurrence to its slot's file, one line per page and slot."""
+    def _scatter(self, pages: Iterable[tuple[int, rules.PageChanges]], slots: int,
+                 every: int) -> Iterator[None]:
+        """Pass 1: every occurrence to its slot's file, one line per page and slot (a yield every
+        ``every`` pages); then the buckets of pass 2 are known."""
         files: dict[int, IO[bytes]] = {}
         counts = [0] * slots
         dumps = orjson.dumps
         try:
-            for number, changes in pages:
+            for n, (number, changes) in enumerate(pages, start=1):
                 for slot, entry in rules.page_entries(number, changes, slots).items():
                     out = files.get(slot)
                     if out is None:
@@ -104,10 +109,13 @@ class SpilledNet:
                     out.write(dumps(entry))
                     out.write(b"\n")
                     counts[slot] += len(entry[0])
+                if n % every == 0:
+                    yield None
         finally:
             for out in files.values():
                 out.close()
-        return counts
+        self._groups = rules.group_slots(counts, self._max_ids)
+        self._block = max(16, min(RUN_BLOCK, self._max_ids // max(1, len(self._groups))))
 
     def _reduce(self, n: int, group: list[int]) -> None:
         """Pass 2: one bucket's net, written as a removes run and an adds run (position order)."""

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -136,3 +137,57 @@ def test_emitting_a_large_sync_holds_one_bucket_and_one_chunk_not_the_sync(tmp_p
     assert ids == 100_000 and em.chunks == 100
     assert steps >= 20  # one per bucket of at most 5,000 occurrences
     assert peak < 5_000_000, f"{peak / 1e6:.1f} MB allocated at peak"  # 2.8 MB; the code before: 12.3 MB
+
+
+class CountingPages(dict[str, bytes]):
+    """A pages table that counts reads, to see when the emission reads the stored pages."""
+
+    reads = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads += 1
+        return super().get(key, default)
+
+
+def test_a_spilled_sync_is_read_a_few_pages_per_step_of_prepare(tmp_path: Path) -> None:
+    """Issue 15: ``next_emission`` runs in one go on the worker's event loop, so it reads each stored
+    page once (digest and size) and spills nothing; ``prepare`` then writes the scratch files at most
+    ``SCATTER_PAGES`` pages between yields, so heartbeats and acks run while a 100,000-page sync spills."""
+    n_pages = 3 * spill.SCATTER_PAGES + 7
+    table = CountingPages()
+    asm = Assembler(table, {}, {}, {}, chunk_size=50, cache_max_ids=0, emit_max_ids=20,
+                    scratch_dir=tmp_path / "scratch")
+    pages = [([f"u{n}-{i}@example.com" for i in range(4)], [f"u{n - 1}-0@example.com"] if n else [])
+             for n in range(n_pages)]
+    for n, (a, r) in enumerate(pages, start=1):
+        step = asm.on_sync_page(ACCOUNT, page("big", n, n_pages, a, r), partition=0, now=0)
+    table.reads = 0
+    em = asm.next_emission(step.segments[0], 0)
+    assert em is not None and isinstance(em.net, spill.SpilledNet)
+    assert table.reads == n_pages  # digests and sizes in one read; nothing scattered yet
+    assert not list((tmp_path / "scratch").rglob("slot-*"))
+    table.reads = 0
+    reads_per_step = []
+    for _ in em.prepare():
+        reads_per_step.append(table.reads)
+        table.reads = 0
+    assert sum(reads_per_step) + table.reads == n_pages
+    assert max(reads_per_step) <= spill.SCATTER_PAGES
+    assert sum(1 for r in reads_per_step if r) >= n_pages // spill.SCATTER_PAGES
+    chunks = [(d.add, d.remove) for d in em.iter_deltas()]
+    assert chunks == reference_chunks(pages, 50)
+
+
+def test_a_page_gone_while_a_spilled_sync_is_prepared_fails_the_emission(tmp_path: Path) -> None:
+    """Pages are read between yields: one dropped meanwhile must not leave a short delta marked complete."""
+    table: dict[str, bytes] = {}
+    asm = Assembler(table, {}, {}, {}, chunk_size=50, cache_max_ids=0, emit_max_ids=2,
+                    scratch_dir=tmp_path / "scratch")
+    for n in range(1, 4):
+        step = asm.on_sync_page(ACCOUNT, page("s", n, 3, [f"a{n}", f"b{n}", f"c{n}"], []), partition=0, now=0)
+    em = asm.next_emission(step.segments[0], 0)
+    assert em is not None and isinstance(em.net, spill.SpilledNet)
+    del table[rules.page_key(em.sync_key, 3)]
+    with pytest.raises(RuntimeError, match="page 3"):
+        list(em.prepare())
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())
