@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 EMAIL_IDENTITY = "email"
-"""The identity field whose ids Cordial compares case-insensitively (``Account.identity_key`` maps it to email)."""
+"""Cordial's email contact key (and Heap's email identity field): its ids compare case-insensitively."""
+
+
+def compared_as(identity_field: str, cordial_key: str | None = None) -> str:
+    """The identity a Heap field's ids compare under: ``email`` when they go to Cordial's email key.
+
+    ``cordial_key`` is ``Account.identity_key(identity_field)`` when the account is known: an account
+    can map another Heap field (``Email``, ``user_email``) onto Cordial's ``email`` with
+    ``cordial_identity_key = "email"``, and those ids are emails too. Unknown: the Heap field decides."""
+    return EMAIL_IDENTITY if cordial_key == EMAIL_IDENTITY else identity_field
 
 
 def normalise_email(address: str) -> str:

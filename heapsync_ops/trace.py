@@ -23,7 +23,9 @@ one partition and its offset order), each change gets one outcome for the chosen
 
 Emails are personal data: only the asked contact's own entries are kept; nothing else from a chunk
 or a dead letter (other ids, other contacts' Cordial answers) reaches the output, and nothing is logged.
-Email ids match the way Cordial compares them (trimmed, lower-cased); other identities exactly.
+Email ids match the way Cordial compares them (trimmed, lower-cased); other identities exactly. Ids
+are emails when they go to Cordial's email key: a Heap field named ``email``, or one the accounts file
+maps onto it (``cordial_identity_key = "email"``; without the accounts file, the record's field decides).
 
 Everything but :func:`gather` is pure.
 """
@@ -39,7 +41,7 @@ from typing import Any, Literal
 import orjson
 
 from heapsync.contracts import RedriveMark, mark_key
-from heapsync.identities import EMAIL_IDENTITY, normalise_email, same_contact
+from heapsync.identities import compared_as, normalise_email, same_contact
 from heapsync.topic_reader import Record, latest_by_key
 
 Change = Literal["add", "remove", "drain"]
@@ -47,9 +49,16 @@ Outcome = Literal["applied", "repeat", "dead-lettered", "held", "waiting", "disc
 DETAIL_MAX_CHARS = 200
 
 
-def is_email_identity(identity: str | None) -> bool:
-    """The pipeline's rule (``Account.identity_key``): ids are emails when the identity field is ``email``."""
-    return (identity or EMAIL_IDENTITY) == EMAIL_IDENTITY
+IdentityKeys = Mapping[str, Any]
+"""Account id -> its ``Account`` (anything with ``identity_key(field)``), from the accounts file."""
+
+
+def _compared(identity_field: Any, account: Any, accounts: IdentityKeys) -> str | None:
+    """The identity a record's ids compare under (``None``: no field recorded, email)."""
+    if not isinstance(identity_field, str):
+        return None
+    found = accounts.get(account) if isinstance(account, str) else None
+    return compared_as(identity_field, found.identity_key(identity_field) if found is not None else None)
 
 
 def _when(value: Any, fallback_ms: int | None = None) -> datetime | None:
@@ -113,7 +122,7 @@ def _chunk_key(doc: Mapping[str, Any]) -> str:
     return f"{base}@{replay}" if isinstance(replay, str) and replay else base
 
 
-def seen_in(rec: Record, asked: str, flt: Filter = Filter()) -> list[Seen]:
+def seen_in(rec: Record, asked: str, flt: Filter = Filter(), accounts: IdentityKeys | None = None) -> list[Seen]:
     """The contact's change in one deltas record (a drain counts for any contact); [] when none.
 
     Tolerant: an unreadable record, or one of another shape, touches no one."""
@@ -140,7 +149,7 @@ def seen_in(rec: Record, asked: str, flt: Filter = Filter()) -> list[Seen]:
     )
     if doc.get("kind") == "drain":
         return [Seen(change="drain", contact=None, **common)]
-    identity = doc.get("identity_field") if isinstance(doc.get("identity_field"), str) else None
+    identity = _compared(doc.get("identity_field"), account, accounts or {})
     out: list[Seen] = []
     changes: tuple[Change, ...] = ("remove", "add")  # the sink plans removes first; the Delta contract: never both
     for change in changes:
@@ -220,7 +229,8 @@ def _short(value: Any) -> str | None:
 
 
 def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked: str,
-                    marks: Mapping[str, RedriveMark]) -> dict[str, list[DeadLetter]]:
+                    marks: Mapping[str, RedriveMark],
+                    accounts: IdentityKeys | None = None) -> dict[str, list[DeadLetter]]:
     """``chunk_key`` -> the sink dead letters that concern the contact.
 
     ``entries``: (entry id, record, parsed doc) of the sink dead-letter topic; ``marks``: the
@@ -233,7 +243,8 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
         named = True
         if whole is not None:
             ids = [*(whole.get("add") or []), *(whole.get("remove") or [])]
-            if not any(isinstance(i, str) and same_contact(asked, i, whole.get("identity_field")) for i in ids):
+            whole_identity = _compared(whole.get("identity_field"), whole.get("account"), accounts or {})
+            if not any(isinstance(i, str) and same_contact(asked, i, whole_identity) for i in ids):
                 continue
             chunk_key = _chunk_key(whole)
         elif isinstance(doc.get("contact_id"), str):
@@ -440,11 +451,12 @@ class Trace:
 
 def build(contact: str, sink: str, deltas: Iterable[Record], progress: Iterable[Record],
           dead: Iterable[tuple[str, Record, dict[str, Any]]], marks: Mapping[str, RedriveMark],
-          flt: Filter = Filter(), held: Mapping[str, HeldState] | None = None) -> Trace:
+          flt: Filter = Filter(), held: Mapping[str, HeldState] | None = None,
+          accounts: IdentityKeys | None = None) -> Trace:
     """The whole trace from records as read (pure: :func:`gather` reads them)."""
-    seen = [s for rec in deltas if might_touch(rec.value, contact) for s in seen_in(rec, contact, flt)]
+    seen = [s for rec in deltas if might_touch(rec.value, contact) for s in seen_in(rec, contact, flt, accounts)]
     seen = drains_of_traced_lists(seen, flt)
-    steps = trace_steps(seen, applied_chunks(progress, sink), dead_letters_of(dead, contact, marks), held)
+    steps = trace_steps(seen, applied_chunks(progress, sink), dead_letters_of(dead, contact, marks, accounts), held)
     return Trace(contact, sink, steps)
 
 
@@ -457,7 +469,18 @@ def gather(settings: Any, contact: str, *, sink: str = "cordial", flt: Filter = 
     entries = [(e.id, e.record, e.doc) for e in dlq.load(settings, ("sink",))]
     return build(contact, sink, read_topic(bootstrap, topics.deltas, idle_timeout=10.0),
                  read_topic(bootstrap, topics.sink_progress, idle_timeout=10.0), entries, dlq.load_marks(settings),
-                 flt, load_held(settings, sink))
+                 flt, load_held(settings, sink), identity_keys(settings))
+
+
+def identity_keys(settings: Any) -> dict[str, Any]:
+    """The accounts file's accounts, for their identity mapping; none when it cannot be read (the
+    records' own fields then decide how ids compare)."""
+    from heapsync.settings import AccountError
+
+    try:
+        return dict(settings.accounts())
+    except AccountError:
+        return {}
 
 
 def load_held(settings: Any, sink: str) -> dict[str, HeldState]:

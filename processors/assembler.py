@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping, Protocol
 
 from heapsync import naming
+from heapsync.identities import compared_as
 from heapsync.contracts import AssemblerDeadLetter, Delta, HeapDrain, HeapSync, HeldPage, SyncMeta, delta_id_for
 from heapsync.settings import Account, segment_settings
 from processors import rules, spill
@@ -247,9 +248,10 @@ class Assembler:
         self.counters.pages += 1
         identity = payload.customer_config.identity_field()
         # emails as Cordial compares them, before the rules: variants of one address are one contact
+        compared = self._compared_as(account, identity)
         changes = rules.page_changes(
-            rules.normalise_ids(identity, add if add is not None else [m.id for m in payload.data.add or ()]),
-            rules.normalise_ids(identity, remove if remove is not None else [m.id for m in payload.data.remove or ()]))
+            rules.normalise_ids(compared, add if add is not None else [m.id for m in payload.data.add or ()]),
+            rules.normalise_ids(compared, remove if remove is not None else [m.id for m in payload.data.remove or ()]))
         encoded = changes.encode()
 
         finished = self.done.get(skey)
@@ -289,7 +291,7 @@ class Assembler:
             self.pages[pkey] = encoded
             meta["received"] += 1
         self.syncs[skey] = meta
-        self._advance(skey, page, changes if previous is None else None, meta["total_pages"], meta["identity_field"])
+        self._advance(skey, page, changes if previous is None else None, meta["total_pages"], self._compared_of(meta))
         # An incomplete sync cannot release its segment's queue (timeouts are the ticks' job), so
         # most pages skip the queue check. A repeat always re-checks: it may be a redelivery after
         # a crash that stopped between storing the last page and emitting.
@@ -584,7 +586,7 @@ class Assembler:
                         extra={"sync": skey, "missing": len(missing), "total_pages": total})
             numbers = sorted(stored)
             pages = {str(p): HeldPage(add=list(changes.add), remove=list(changes.remove), conflicts=changes.conflicts)
-                     for p, changes in zip(numbers, self._read_pages(skey, numbers, meta["identity_field"]))}
+                     for p, changes in zip(numbers, self._read_pages(skey, numbers, self._compared_of(meta)))}
             letter = AssemblerDeadLetter.timed_out(
                 skey, account=meta["account"], segment_id=meta["segment_id"], segment_name=meta["segment_name"],
                 identity_field=meta["identity_field"], replay_id=meta["replay_id"], sync_task_id=meta["ref"],
@@ -614,6 +616,15 @@ class Assembler:
         return Emission(skey, seg, complete, 0, None, done_value, sorted(stored), meta.get("partition", 0),
                         net=net, chunk_size=self.chunk_size, common=common)
 
+    def _compared_as(self, account: str, identity_field: str) -> str:
+        """The identity the sync's ids compare under: email too when the account maps the Heap field
+        onto Cordial's email key (``cordial_identity_key = "email"``)."""
+        found = self.accounts.get(account)
+        return compared_as(identity_field, found.identity_key(identity_field) if found is not None else None)
+
+    def _compared_of(self, meta: dict[str, Any]) -> str:
+        return self._compared_as(meta["account"], meta["identity_field"])
+
     def _list_name(self, meta: dict[str, Any]) -> str:
         """The sync's Cordial list: pinned in the accounts file, else named after the segment as it is now."""
         pinned = segment_settings(self.accounts, meta["account"], meta["segment_id"]).list_name
@@ -632,9 +643,9 @@ class Assembler:
         size = stored.nbytes
         slots = spill.slots_for(size, self.emit_max_ids)
         if slots == 1:
-            return MemoryNet(rules.net_state(self._read_pages(skey, numbers, meta["identity_field"])))
+            return MemoryNet(rules.net_state(self._read_pages(skey, numbers, self._compared_of(meta))))
         log.info("sync's net change computed from its stored pages in scratch files",
                  extra={"sync": skey, "pages": len(numbers), "page_bytes": size, "slots": slots})
-        return spill.SpilledNet(self._kept_pages(skey, numbers, meta["identity_field"]), slots=slots,
+        return spill.SpilledNet(self._kept_pages(skey, numbers, self._compared_of(meta)), slots=slots,
                                 max_ids=self.emit_max_ids, scratch_dir=self.scratch_dir)
 

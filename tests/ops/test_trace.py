@@ -69,6 +69,24 @@ def test_an_email_matches_trimmed_and_case_insensitively_other_identities_exactl
     assert not same_contact("Cust-1", "cust-1", "customerId") and same_contact("Cust-1", "Cust-1", "customerId")
 
 
+def test_a_heap_field_the_account_maps_onto_cordials_email_matches_as_an_email() -> None:
+    """``cordial_identity_key = "email"`` with Heap's field ``Email``: the accounts file says the ids are emails;
+    without it (or for an account it does not list) the record's field decides, exactly."""
+    from heapsync.settings import parse_accounts
+
+    acc = parse_accounts('[accounts.acme]\nheap_webhook_secrets = ["0123456789abcdef-s"]\ncordial_api_key = "k"\n'
+                         'cordial_identity_key = "email"\n', "accounts.toml")
+    d = delta("s1", add=("Ann@X.com",), identity="Email")
+    [s] = seen_in(rec(d, 1), "ann@x.com", accounts=acc)
+    assert s.contact == "Ann@X.com"
+    assert seen_in(rec(d, 1), "ann@x.com") == []
+    assert seen_in(rec(delta("s1", add=("Ann@X.com",), identity="Email", account="other"), 1), "ann@x.com",
+                   accounts=acc) == []
+    whole = {"reason": "x", "delta": orjson.loads(d.model_dump_json())}
+    assert list(dead_letters_of([("sink:0:1", rec(whole, 1), whole)], "ann@x.com", {}, acc)) == [d.chunk_key]
+    assert dead_letters_of([("sink:0:1", rec(whole, 1), whole)], "ann@x.com", {}) == {}
+
+
 def test_only_the_asked_contact_is_taken_from_a_chunk_whatever_case_heap_sent() -> None:
     [s] = seen_in(rec(delta("s1", add=("bob@x.com", "Ann@X.com"), remove=("cat@x.com",)), 4), "ann@x.com")
     assert (s.change, s.contact, s.sync_task_id, s.offset) == ("add", "Ann@X.com", "s1", 4)

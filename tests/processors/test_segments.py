@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from heapsync import identities
 from heapsync.contracts import HeapDrain, HeapSync
 from heapsync.settings import Account
 from heapsync_dev.samples import drain_request, heap_request
@@ -105,6 +106,36 @@ def test_other_identities_keep_their_case() -> None:
     asm = new_assembler()
     [d] = feed(asm, page("s", 1, 1, ["Ann", "ann"], identity="user_id")).deltas
     assert sorted(d.add) == ["Ann", "ann"]
+
+
+FIELDS = st.sampled_from(["email", "Email", "user_email", "customerId", "user_id"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(field=FIELDS, mapped_to=st.sampled_from([None, "email", "customerId", "Email"]),
+       ids=st.lists(st.sampled_from([" Ann@X.com", "ann@x.com", "BOB@x.com ", "Cust-1"]), max_size=5))
+def test_ids_are_normalised_exactly_when_they_go_to_cordials_email_key(
+        field: str, mapped_to: str | None, ids: list[str]) -> None:
+    """The rule: an account's ``identity_key`` decides (a Heap field ``Email`` mapped onto ``email`` is emails);
+    without the account, only a field named ``email``."""
+    line = f'cordial_identity_key = "{mapped_to}"\n' if mapped_to else ""
+    account = accounts(line)["acme"]
+    to_email = account.identity_key(field) == "email"
+    compared = identities.compared_as(field, account.identity_key(field))
+    assert (compared == "email") == to_email
+    expected = [i.strip().lower() for i in ids] if to_email else ids
+    assert rules.normalise_ids(compared, ids) == expected
+    assert (identities.compared_as(field) == "email") == (field == "email")
+
+
+def test_a_heap_field_the_account_maps_onto_cordials_email_gives_one_contact_per_address() -> None:
+    asm = new_assembler(accounts('cordial_identity_key = "email"\n'))
+    assert feed(asm, page("s", 1, 2, ["Ann@x.com", " ann@X.com"], identity="Email")).deltas == []
+    [d] = feed(asm, page("s", 2, 2, ["BOB@x.com"], ["Ann@X.COM"], identity="Email")).deltas
+    assert (d.add, d.remove, d.identity_field) == (["bob@x.com"], ["ann@x.com"], "Email")
+    # not mapped (the Cordial key is the Heap field's own name): exact, as before
+    [d] = feed(new_assembler(accounts()), page("s", 1, 1, ["Ann@x.com", "ann@x.com"], identity="Email")).deltas
+    assert sorted(d.add) == ["Ann@x.com", "ann@x.com"]
 
 
 def test_pages_stored_before_normalisation_never_give_a_delta_two_variants() -> None:
