@@ -7,7 +7,7 @@ assembler's and the sink's dead letters, re-drive marks, and the assembler's syn
 metadata. Writers and readers go through them; where a model would cost on a hot
 path (the ingress's page record, the worker's page decode, the per-page update of
 sync metadata) the hand-tuned code says so and a test holds it to the model.
-Records written by earlier versions still read (``tests/test_contracts_wire.py``).
+Records written by earlier versions still read (``tests/core/test_contracts_wire.py``).
 
 Only the delta is published as JSON Schema (``heapsync/schemas/delta.v1.json``); a
 test fails if the file and the model disagree.
@@ -253,7 +253,7 @@ def page_record_bytes(account: str, request_id: str, received_at: datetime, body
     """A ``PageRecord`` as JSON, with the already-validated raw body embedded as ``payload``.
 
     Equal to ``PageRecord(...).model_dump_json()`` when read back, without re-serialising a body of
-    thousands of ids (hand-tuned: the ingress's hot path; ``tests/test_ingest_app.py`` checks it).
+    thousands of ids (hand-tuned: the ingress's hot path; ``tests/ingest/test_app.py`` checks it).
     ``signed_digest`` (drains) is written only when set, so a sync's record is as before.
     """
     head = orjson.dumps({"schema_version": 1, "account": account, "request_id": request_id,

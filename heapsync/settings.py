@@ -174,6 +174,8 @@ def removal_rail_for(account: Account, segment_id: str) -> RemovalRail:
         max_removal_fraction=(seg.max_removal_fraction if seg.max_removal_fraction is not None
                               else account.max_removal_fraction),
         hold_drains=seg.hold_drains if seg.hold_drains is not None else account.hold_drains)
+
+
 def segment_settings(accounts: Mapping[str, Account], account_id: str, segment_id: str | int) -> SegmentSettings:
     """What the accounts file says about one segment: its table, or the defaults (also for an unknown account)."""
     account = accounts.get(account_id)

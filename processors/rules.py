@@ -185,11 +185,6 @@ def iter_chunks(removes: Iterable[str], adds: Iterable[str], chunk_size: int) ->
 POSITION_BITS = 32
 
 
-def slot_of(member_id: str, slots: int) -> int:
-    """The slot of an id among ``slots``: the same in every process and run (crc32, not ``hash``)."""
-    return zlib.crc32(member_id.encode()) % slots
-
-
 def page_entries(page_number: int, changes: PageChanges, slots: int) -> dict[int, tuple[list[str], list[int]]]:
     """A page's occurrences by slot: ``slot -> (ids, signed positions)``, in the page's order."""
     out: dict[int, tuple[list[str], list[int]]] = {}

@@ -135,3 +135,23 @@ def test_no_document_cites_files_the_repository_does_not_have() -> None:
         for name in re.findall(r"\b(DESIGN|COMMON)\.md\b", path.read_text(errors="replace")):
             cited.append(f"{path.relative_to(ROOT)}: {name}.md")
     assert cited == []
+
+
+def test_every_test_file_the_code_cites_exists() -> None:
+    """A test moved (``tests/test_ingest_app.py`` -> ``tests/ingest/test_app.py``) must take its citations along."""
+    missing = []
+    for path in ROOT.glob("[!.]*/**/*.py"):
+        if ".venv" in path.parts or "tests" in path.relative_to(ROOT).parts[:1]:
+            continue
+        for cited in re.findall(r"\btests/[A-Za-z0-9_/]+\.py\b", path.read_text(errors="replace")):
+            if not (ROOT / cited).exists():
+                missing.append(f"{path.relative_to(ROOT)}: {cited}")
+    assert missing == []
+
+
+def test_every_environment_variable_the_benchmarks_read_is_documented() -> None:
+    """``BENCH_E2E_KEEP_LOGS`` and the like: an operator finds them where the benchmarks are described."""
+    docs = (ROOT / "BENCHMARKS.md").read_text() + (ROOT / "docs" / "settings.md").read_text()
+    read = {name for path in (ROOT / "bench").glob("*.py")
+            for name in re.findall(r"""environ(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]+)["']""", path.read_text())}
+    assert read and sorted(n for n in read if n not in docs) == []
