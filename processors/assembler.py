@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Mapping, MutableMapping, Protocol
 
 from heapsync import naming
-from heapsync.identities import compared_as
 from heapsync.contracts import AssemblerDeadLetter, Delta, HeapDrain, HeapSync, HeldPage, SyncMeta, delta_id_for
+from heapsync.identities import compared_as
 from heapsync.settings import Account, segment_settings
 from processors import rules, spill
 
