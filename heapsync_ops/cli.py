@@ -386,7 +386,7 @@ def held_list(sink: str, account: str | None, as_json: bool) -> None:
         return
     from heapsync.ops_render import render_rows
 
-    render_rows("held deltas", rows, ["delta_id", "account", "list_name", "kind", "reason", "waiting", "held_at",
+    render_rows("held deltas", rows, ["hold", "account", "list_name", "kind", "reason", "waiting", "held_at",
                                       "decision"])
 
 
@@ -409,11 +409,11 @@ def held_show(delta_id: str, sink: str, as_json: bool) -> None:
         return
     from heapsync.ops_render import render_rows
 
-    for name in ("delta_id", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
+    for name in ("hold", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
                  "removes", "adds", "chunks_held", "chunks", "held_at", "decision"):
         click.echo(f"{name:>14}: {row[name]}")
     render_rows("waiting behind it, in order", row["waiting_detail"],
-                ["delta_id", "kind", "sync_task_id", "chunks", "adds", "removes"])
+                ["hold", "kind", "sync_task_id", "chunks", "adds", "removes"])
 
 
 def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
