@@ -6,9 +6,6 @@ read to its end, a replayed copy of a held delta is its own hold, an uncounted l
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any
-
 import pytest
 
 from heapsync.contracts import Delta, HeldChunk, HoldDecision
@@ -117,7 +114,6 @@ def test_a_dead_tail_thread_is_started_again_and_catches_up() -> None:
 
     assert asyncio.run(scenario()) is True
     assert len(runs) == 2
-    assert threading.active_count() >= 1
 
 
 def held_chunk(delta: Delta, role: str, seq: int) -> HeldChunk:
@@ -135,12 +131,13 @@ async def test_a_decision_on_a_held_delta_leaves_its_replayed_copy_in_its_place(
     replay = d1.model_copy(update={"replay_id": "r1"})
     for n, (d, role) in enumerate([(d1, "held"), (d2, "waiting"), (replay, "waiting")]):
         r.lists.put(held_chunk(d, role, n))
-    assert [row["hold"] for row in r.lists.holds()] == [d1.delta_id]
-    assert r.lists.holds()[0]["waiting_deltas"] == [d2.delta_id, f"{d1.delta_id}@r1"]
+    before = r.lists.holds()
     r.lists.feed(decision_key("cordial", d1.delta_id), HoldDecision(
         sink="cordial", delta_id=d1.delta_id, account="acme", list_name="L", action=action).model_dump_json().encode())
     await r._resolve("acme:L")
     assert sink.applied == ([d1.chunk_key, d2.chunk_key] if action == "release" else [d2.chunk_key])
+    assert [(row.get("hold"), row["waiting_deltas"]) for row in before] == [
+        (d1.delta_id, [d2.delta_id, f"{d1.delta_id}@r1"])]  # the replay waits as a delta of its own
     rows = r.lists.holds()
     assert [(row["hold"], row["decision"]) for row in rows] == [(hold_id_of(replay), None)]
     assert replay.chunk_key not in r.applied  # a discard of the original does not discard its replay
@@ -156,7 +153,3 @@ async def test_a_drain_of_a_list_the_sink_never_counted_is_held() -> None:
     counted = make_delta("Counted", kind="drain")
     await r._process(item(counted))
     assert sink.applied == [counted.chunk_key]
-
-
-def sent(r: SinkRunner) -> list[Any]:
-    return r.producer.sent  # type: ignore[attr-defined]
