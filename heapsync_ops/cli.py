@@ -391,7 +391,7 @@ def held_list(sink: str, account: str | None, as_json: bool) -> None:
 
 
 @held.command("show")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -431,7 +431,7 @@ def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
 
 
 @held.command("release")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -441,7 +441,7 @@ def held_release(delta_id: str, sink: str, as_json: bool) -> None:
 
 
 @held.command("discard")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
