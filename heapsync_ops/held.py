@@ -44,7 +44,8 @@ def find(state: ListsState, delta_id: str) -> dict[str, Any]:
                 if matches({"delta_id": chunk.delta.delta_id, "replay_id": chunk.delta.replay_id}, delta_id):
                     heads = [r["hold"] for r in state.holds()
                              if (r["account"], r["list_name"]) == (chunk.delta.account, chunk.delta.list_name)]
-                    raise HoldError(f"delta {hold_id(chunk.delta.delta_id, chunk.delta.replay_id)} is not held itself: it waits behind "
+                    name = hold_id(chunk.delta.delta_id, chunk.delta.replay_id)
+                    raise HoldError(f"delta {name} is not held itself: it waits behind "
                                     f"{', '.join(heads) or 'a hold being carried out'}; decide that one first")
         raise HoldError(f"no held delta {delta_id!r} (see `heapsync held list`)")
     row = dict(rows[0])
@@ -82,5 +83,6 @@ def decide(settings: Any, delta_id: str, action: str, sink: str = "cordial") -> 
             raise HoldError("the decision could not be written to the broker; nothing was decided")
     finally:
         producer.close()
-    return {"hold": row["hold"], "delta_id": row["delta_id"], "replay_id": row["replay_id"], "account": row["account"], "list_name": row["list_name"],
+    return {"hold": row["hold"], "delta_id": row["delta_id"], "replay_id": row["replay_id"],
+            "account": row["account"], "list_name": row["list_name"],
             "action": decision.action, "waiting_deltas": row["waiting_deltas"], "outcome": outcome(row, action)}

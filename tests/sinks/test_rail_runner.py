@@ -6,6 +6,7 @@ read to its end, a replayed copy of a held delta is its own hold, an uncounted l
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 
 from heapsync.contracts import Delta, HeldChunk, HoldDecision
