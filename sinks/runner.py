@@ -692,7 +692,11 @@ class SinkRunner:
         if self.rail_for is not None:
             self._tail = ListsTail(self.settings.kafka_bootstrap, self.settings.topics.sink_lists, self._on_lists)
             self._tail.start(loop)
-            await self._sync_lists()
+            try:
+                await self._sync_lists()
+            except RailSyncError:
+                await loop_stop(self._tail)
+                raise
         consumer = self._consumer = Consumer(self._consumer_config())
         self._loop, self._loop_thread = loop, threading.get_ident()
         consumer.subscribe([self.settings.topics.deltas], on_assign=self._on_assign, on_revoke=self._on_revoke,
