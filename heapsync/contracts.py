@@ -492,12 +492,14 @@ class HeldChunk(BaseModel):
 
 
 class HoldDecision(BaseModel):
-    """An operator's decision on a held delta (key ``<sink>|decision|<delta_id>``), written by
+    """An operator's decision on a held delta (key ``<sink>|decision|<delta_id>``, or
+    ``<sink>|decision|<delta_id>@<replay_id>`` for a replayed copy), written by
     ``heapsync held release|discard``; the sink carries it out, then deletes it."""
 
     schema_version: Literal[1] = 1
     sink: str
     delta_id: str
+    replay_id: str | None = Field(None, description="The replayed copy decided on; None: the original delta.")
     account: str
     list_name: str
     action: Literal["release", "discard"]

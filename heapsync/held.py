@@ -38,31 +38,46 @@ def estimated_removes(delta: Delta) -> int:
     return len(delta.remove) * delta.chunks
 
 
-def hold_reason(members: int, kind: str, removes: int, rail: RemovalRail) -> str | None:
+def hold_reason(members: int | None, kind: str, removes: int, rail: RemovalRail) -> str | None:
     """Why a delta must be held, or None to apply it.
 
-    ``members``: the list's counted members; ``removes``: the delta's removes (a drain removes all).
-    A sync is held when it removes more than ``max_removal_fraction`` of ``members`` (with no
+    ``members``: the list's counted members, None when the sink never counted the list (counts
+    start at the upgrade that brought the rail); ``removes``: the delta's removes (a drain removes
+    all). A sync is held when it removes more than ``max_removal_fraction`` of ``members`` (with no
     members counted, any removal is held: the rail cannot tell it is harmless); a drain when
-    ``hold_drains`` is set, or when it would empty a counted list past the fraction.
+    ``hold_drains`` is set, when it would empty a counted list past the fraction, or, like a sync's
+    removal, when the list was never counted.
     """
     fraction = rail.max_removal_fraction
     if kind == "drain":
         if rail.hold_drains:
             return "drain held (hold_drains)"
-        if fraction is not None and members > fraction * members:
+        if fraction is not None and members is None:
+            return "drain of a list the sink has never counted (counts start at the upgrade)"
+        if fraction is not None and members is not None and members > fraction * members:
             return f"drain would remove all {members} members (more than {fraction:.0%})"
         return None
-    if fraction is not None and removes > 0 and removes > fraction * members:
-        return f"would remove {removes} of {members} members (more than {fraction:.0%})"
+    counted = members or 0
+    if fraction is not None and removes > 0 and removes > fraction * counted:
+        return f"would remove {removes} of {counted} members (more than {fraction:.0%})"
     return None
 
 
-def members_after(members: int, delta: Delta) -> int:
-    """The list's count after applying ``delta`` (one chunk): a drain empties it."""
+def members_after(members: int | None, delta: Delta) -> int:
+    """The list's count after applying ``delta`` (one chunk): a drain empties it (None: never counted)."""
     if delta.kind == "drain":
         return 0
-    return max(0, members + len(delta.add) - len(delta.remove))
+    return max(0, (members or 0) + len(delta.add) - len(delta.remove))
+
+
+def hold_id(delta_id: str, replay_id: str | None) -> str:
+    """What names one held delta: a ``heapsync replay`` copy shares the delta id, so it is
+    ``<delta_id>@<replay_id>`` (the original is its bare delta id, as in :attr:`Delta.chunk_key`)."""
+    return f"{delta_id}@{replay_id}" if replay_id else delta_id
+
+
+def hold_id_of(delta: Delta) -> str:
+    return hold_id(delta.delta_id, delta.replay_id)
 
 
 # -- keys on the lists topic ---------------------------------------------------------
@@ -76,8 +91,9 @@ def held_key(sink: str, chunk_key: str) -> str:
     return f"{sink}|held|{chunk_key}"
 
 
-def decision_key(sink: str, delta_id: str) -> str:
-    return f"{sink}|decision|{delta_id}"
+def decision_key(sink: str, hold: str) -> str:
+    """``hold``: :func:`hold_id` (a bare delta id for an original, as the records before replays had)."""
+    return f"{sink}|decision|{hold}"
 
 
 # -- the state ---------------------------------------------------------------------------
@@ -85,13 +101,20 @@ def decision_key(sink: str, delta_id: str) -> str:
 
 @dataclass
 class ListsState:
-    """One sink's per-list state, built from the lists topic in order (a tombstone deletes its key)."""
+    """One sink's per-list state, built from the lists topic in order (a tombstone deletes its key).
+
+    ``keep_ids``: the sink needs a held chunk's contact ids to apply it later; readers that only
+    display (status page, ``heapsync status``, ``heapsync held``) pass False and keep the sizes only,
+    so a held removal of millions of ids costs them a few bytes, not its ids.
+    ``decisions`` are keyed by :func:`hold_id`."""
 
     sink: str
+    keep_ids: bool = True
     counts: dict[ListKey, int] = field(default_factory=dict)
     pending: dict[ListKey, dict[str, HeldChunk]] = field(default_factory=dict)
     decisions: dict[str, HoldDecision] = field(default_factory=dict)
     _chunk_list: dict[str, ListKey] = field(default_factory=dict)
+    _sizes: dict[str, tuple[int, int]] = field(default_factory=dict)  # chunk_key -> (adds, removes)
 
     def feed(self, key: str, value: bytes | None, *, skip_writer: str | None = None) -> bool:
         """Apply one record; False when it is not this sink's, or unreadable (then it is ignored).
@@ -121,7 +144,7 @@ class ListsState:
                     self.decisions.pop(ident, None)
                 else:
                     decision = HoldDecision.model_validate_json(value)
-                    self.decisions[decision.delta_id] = decision
+                    self.decisions[hold_id(decision.delta_id, decision.replay_id)] = decision
             else:
                 return False
         except ValidationError:
@@ -130,10 +153,20 @@ class ListsState:
 
     def put(self, chunk: HeldChunk) -> None:
         key = (chunk.delta.account, chunk.delta.list_name)
+        self._sizes[chunk.delta.chunk_key] = (len(chunk.delta.add), len(chunk.delta.remove))
+        if not self.keep_ids and (chunk.delta.add or chunk.delta.remove):
+            chunk = chunk.model_copy(update={"delta": chunk.delta.model_copy(update={"add": [], "remove": []})})
         self.pending.setdefault(key, {})[chunk.delta.chunk_key] = chunk
         self._chunk_list[chunk.delta.chunk_key] = key
 
+    def adds(self, chunk: HeldChunk) -> int:
+        return self._sizes.get(chunk.delta.chunk_key, (len(chunk.delta.add), 0))[0]
+
+    def removes(self, chunk: HeldChunk) -> int:
+        return self._sizes.get(chunk.delta.chunk_key, (0, len(chunk.delta.remove)))[1]
+
     def drop(self, chunk_key: str) -> None:
+        self._sizes.pop(chunk_key, None)
         key = self._chunk_list.pop(chunk_key, None)
         if key is None:
             return
@@ -153,48 +186,56 @@ class ListsState:
         return max([now_ns] + [c.seq + 1 for c in self.pending.get(key, {}).values()])
 
     def holds(self) -> list[dict[str, Any]]:
-        """One row per held delta (plain data for ``heapsync held list``, status and the status page)."""
+        """One row per held delta (plain data for ``heapsync held list``, status and the status page).
+
+        A held delta is named by its :func:`hold_id` (``hold``): a replayed copy shares the delta id
+        but is another delta, held, released and discarded on its own."""
         rows = []
         for key in sorted(self.pending):
             queue = self.queue(key)
             for n, chunk in enumerate(queue):
                 if chunk.role != "held":
                     continue
-                own = [c for c in queue if c.delta.delta_id == chunk.delta.delta_id]
+                hold = hold_id_of(chunk.delta)
+                own = [c for c in queue if hold_id_of(c.delta) == hold]
                 # waiting: the other deltas behind this hold, up to the next hold
                 behind: list[str] = []
                 for later in queue[n + 1:]:
                     if later.role == "held":
                         break
-                    if later.delta.delta_id != chunk.delta.delta_id and later.delta.delta_id not in behind:
-                        behind.append(later.delta.delta_id)
-                decision = self.decisions.get(chunk.delta.delta_id)
+                    other = hold_id_of(later.delta)
+                    if other != hold and other not in behind:
+                        behind.append(other)
+                decision = self.decisions.get(hold)
                 rows.append({
-                    "delta_id": chunk.delta.delta_id, "account": key[0], "list_name": key[1],
+                    "hold": hold, "delta_id": chunk.delta.delta_id, "replay_id": chunk.delta.replay_id,
+                    "account": key[0], "list_name": key[1],
                     "segment_id": chunk.delta.segment_id, "kind": chunk.delta.kind,
                     "sync_task_id": chunk.delta.sync_task_id, "reason": chunk.reason,
                     "members": chunk.members, "removes": chunk.removes,
-                    "adds": sum(len(c.delta.add) for c in own), "chunks_held": len(own),
+                    "adds": sum(self.adds(c) for c in own), "chunks_held": len(own),
                     "chunks": chunk.delta.chunks, "held_at": chunk.held_at.isoformat(),
                     "waiting_deltas": behind, "waiting": len(behind),
                     "decision": decision.action if decision else None,
                 })
         return rows
 
-    def waiting_behind(self, delta_id: str) -> list[dict[str, Any]]:
-        """The deltas waiting behind one hold, in order (ids and sizes, never contact ids)."""
+    def waiting_behind(self, hold: str) -> list[dict[str, Any]]:
+        """The deltas waiting behind one hold (its :func:`hold_id`), in order (ids and sizes, never contact ids)."""
         for row in self.holds():
-            if row["delta_id"] == delta_id:
+            if row["hold"] == hold:
                 key = (row["account"], row["list_name"])
                 out: dict[str, dict[str, Any]] = {}
                 for c in self.queue(key):
-                    if c.delta.delta_id in row["waiting_deltas"]:
-                        entry = out.setdefault(c.delta.delta_id, {
-                            "delta_id": c.delta.delta_id, "kind": c.delta.kind, "sync_task_id": c.delta.sync_task_id,
+                    other = hold_id_of(c.delta)
+                    if other in row["waiting_deltas"]:
+                        entry = out.setdefault(other, {
+                            "hold": other, "delta_id": c.delta.delta_id, "replay_id": c.delta.replay_id,
+                            "kind": c.delta.kind, "sync_task_id": c.delta.sync_task_id,
                             "chunks": 0, "adds": 0, "removes": 0})
                         entry["chunks"] += 1
-                        entry["adds"] += len(c.delta.add)
-                        entry["removes"] += len(c.delta.remove)
+                        entry["adds"] += self.adds(c)
+                        entry["removes"] += self.removes(c)
                 return list(out.values())
         return []
 

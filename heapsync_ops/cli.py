@@ -386,12 +386,12 @@ def held_list(sink: str, account: str | None, as_json: bool) -> None:
         return
     from heapsync.ops_render import render_rows
 
-    render_rows("held deltas", rows, ["delta_id", "account", "list_name", "kind", "reason", "waiting", "held_at",
+    render_rows("held deltas", rows, ["hold", "account", "list_name", "kind", "reason", "waiting", "held_at",
                                       "decision"])
 
 
 @held.command("show")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -409,11 +409,11 @@ def held_show(delta_id: str, sink: str, as_json: bool) -> None:
         return
     from heapsync.ops_render import render_rows
 
-    for name in ("delta_id", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
+    for name in ("hold", "account", "list_name", "segment_id", "kind", "sync_task_id", "reason", "members",
                  "removes", "adds", "chunks_held", "chunks", "held_at", "decision"):
         click.echo(f"{name:>14}: {row[name]}")
     render_rows("waiting behind it, in order", row["waiting_detail"],
-                ["delta_id", "kind", "sync_task_id", "chunks", "adds", "removes"])
+                ["hold", "kind", "sync_task_id", "chunks", "adds", "removes"])
 
 
 def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
@@ -431,7 +431,7 @@ def _decide(delta_id: str, sink: str, as_json: bool, action: str) -> None:
 
 
 @held.command("release")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors
@@ -441,7 +441,7 @@ def held_release(delta_id: str, sink: str, as_json: bool) -> None:
 
 
 @held.command("discard")
-@click.argument("delta_id")
+@click.argument("delta_id", metavar="DELTA_ID[@REPLAY_ID]")
 @_held_sink
 @click.option("--json", "as_json", is_flag=True)
 @_broker_errors

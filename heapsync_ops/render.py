@@ -94,8 +94,9 @@ def render_status(doc: dict[str, Any]) -> None:
     render_rows("dead letters (not re-driven)", dl, ["topic", "reason", "count"])
     render_rows("last applied per list", doc["last_applied"],
                 ["sink", "account", "list_name", "sync_task_id", "chunk", "adds", "removes", "applied_at"])
-    render_rows("held by the removal rail (heapsync held list|show|release|discard)", doc.get("held", []),
-                ["delta_id", "account", "list_name", "reason", "waiting", "held_at", "decision"])
+    holds = [{"hold": r.get("delta_id"), **r} for r in doc.get("held", [])]  # hold: DELTA_ID[@REPLAY_ID]
+    render_rows("held by the removal rail (heapsync held list|show|release|discard)", holds,
+                ["hold", "account", "list_name", "reason", "waiting", "held_at", "decision"])
     if doc.get("disabled_segments"):
         render_rows("disabled segments (enabled = false: nothing sent to Cordial; pages kept in the pages topic)",
                     doc["disabled_segments"], ["account", "segment_id", "list_name", "syncs_skipped", "last_skipped_at"])

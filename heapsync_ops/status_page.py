@@ -90,7 +90,8 @@ class StatusBoard:
             return
         text = key.decode("utf-8", "replace")
         sink = text.split("|", 1)[0]
-        state = self.held.setdefault(sink, ListsState(sink))
+        # display only: sizes, never a held chunk's contact ids (a held 3M-id removal stays small here)
+        state = self.held.setdefault(sink, ListsState(sink, keep_ids=False))
         state.feed(text, value)
 
     def _sync(self, account: str, list_name: str, delta_id: str, replay_id: str | None,
@@ -173,7 +174,7 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
                      "<th>waiting behind</th><th>held at</th><th>decision</th></tr>")
         for h in held:
             parts.append(
-                f"<tr class='bad'><td>{e(h['account'])}</td><td>{e(h['list_name'])}</td><td>{e(h['delta_id'])}</td>"
+                f"<tr class='bad'><td>{e(h['account'])}</td><td>{e(h['list_name'])}</td><td>{e(h['hold'])}</td>"
                 f"<td>{e(h['kind'])}</td><td>{e(h['reason'])}</td><td>{h['waiting']}</td><td>{e(h['held_at'])}</td>"
                 f"<td>{e(str(h['decision'] or '-'))}</td></tr>")
     if snap.get("disabled_segments"):

@@ -3,7 +3,9 @@
 Every replica of a sink reads the whole topic, so whichever one owns a list's partition after a
 rebalance knows its count and its held deltas, and sees an operator's decision. ``sync`` waits
 until everything written before the call has been read: after an assignment the runner calls it
-before applying anything, so a list's previous owner's last hold is never overtaken.
+before applying anything, so a list's previous owner's last hold is never overtaken. A tail
+thread that died is started again (it reads the topic from its beginning again); ``sync`` reports
+whether it caught up, and the runner never applies a chunk before it has.
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ class ListsTail:
         self._thread = threading.Thread(target=self._run, name="sink-lists-tail", daemon=True)
         self._thread.start()
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def ensure_alive(self) -> bool:
+        """Start the tail again when its thread died; True when it was restarted (then sync again)."""
+        if self._loop is None or self._stop.is_set() or self.alive():
+            return False
+        log.error("lists topic tail had stopped; started again")
+        self._positions = {}
+        self._waiters = []  # the dead thread's; their sync() calls time out and are retried
+        self.start(self._loop)
+        return True
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -49,6 +64,7 @@ class ListsTail:
 
     async def sync(self, timeout: float = 30.0) -> bool:
         """Wait until every record written before now has been read; False on timeout (logged)."""
+        self.ensure_alive()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._requests.append(future)
@@ -94,7 +110,7 @@ class ListsTail:
                 if batch and self._loop is not None:
                     self._loop.call_soon_threadsafe(self.on_records, batch)
                 self._check_waiters()
-        except Exception:  # noqa: BLE001 - logged; the runner's sync() then times out loudly
+        except Exception:  # noqa: BLE001 - logged; ensure_alive() (the runner's loop, sync()) starts it again
             log.exception("lists topic tail stopped")
         finally:
             consumer.close()

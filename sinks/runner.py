@@ -296,7 +296,7 @@ class SinkRunner:
         rail = self.rail_for(delta)
         if not rail.on:
             return None
-        members = self.lists.counts.get((delta.account, delta.list_name), 0)
+        members = self.lists.counts.get((delta.account, delta.list_name))  # None: never counted
         return held.hold_reason(members, delta.kind, held.estimated_removes(delta), rail)
 
     async def _put_held(self, item: _Item, delta: Delta, role: str, reason: str = "") -> None:
@@ -330,7 +330,7 @@ class SinkRunner:
 
     async def _count(self, delta: Delta) -> None:
         key = (delta.account, delta.list_name)
-        members = held.members_after(self.lists.counts.get(key, 0), delta)
+        members = held.members_after(self.lists.counts.get(key), delta)
         self.lists.counts[key] = members
         record = ListCount(sink=self.sink.name, account=delta.account, list_name=delta.list_name, members=members,
                            writer=self._writer)
@@ -346,10 +346,12 @@ class SinkRunner:
         while queue := self.lists.queue(key):
             head = queue[0]
             if head.role == "held":
-                decision = self.lists.decisions.get(head.delta.delta_id)
+                hold = held.hold_id_of(head.delta)
+                decision = self.lists.decisions.get(hold)
                 if decision is None:
                     return  # still held
-                for chunk in [c for c in queue if c.delta.delta_id == head.delta.delta_id]:
+                # the hold's own chunks only: a replayed copy shares the delta id but is another delta
+                for chunk in [c for c in queue if held.hold_id_of(c.delta) == hold]:
                     if decision.action == "release":
                         if chunk.delta.chunk_key not in self.applied:
                             await self._apply(chunk.delta)
@@ -359,7 +361,8 @@ class SinkRunner:
                 await self._forget_decision(decision)
                 log.warning("held delta released: applied" if decision.action == "release"
                             else "held delta discarded: not applied",
-                            extra={"delta_id": head.delta.delta_id, "account": account, "list_name": list_name})
+                            extra={"delta_id": head.delta.delta_id, "replay_id": head.delta.replay_id,
+                                   "account": account, "list_name": list_name})
                 continue
             reason = None if head.delta.chunk_key in self.applied else self._rail_reason(head.delta)
             if reason is not None:
@@ -394,9 +397,10 @@ class SinkRunner:
         metrics.CHUNKS.labels(self.sink.name, "discarded").inc()
 
     async def _forget_decision(self, decision: HoldDecision) -> None:
+        hold = held.hold_id(decision.delta_id, decision.replay_id)
         await send_retrying(self.producer, self.settings.topics.sink_lists, None,
-                             held.decision_key(self.sink.name, decision.delta_id).encode())
-        self.lists.decisions.pop(decision.delta_id, None)
+                             held.decision_key(self.sink.name, hold).encode())
+        self.lists.decisions.pop(hold, None)
 
     def _on_lists(self, batch: Batch) -> None:
         """Records read back from the lists topic (on the event loop): other replicas' and operators'."""
@@ -412,7 +416,7 @@ class SinkRunner:
             if not queue:
                 continue
             head = queue[0]
-            if head.role == "held" and head.delta.delta_id not in self.lists.decisions:
+            if head.role == "held" and held.hold_id_of(head.delta) not in self.lists.decisions:
                 continue
             lane = lane_key(head.delta)
             progress = self._progress.get((self.settings.topics.deltas, head.partition))
@@ -430,10 +434,20 @@ class SinkRunner:
         self._held_series |= set(counts)
 
     async def _sync_lists(self) -> bool:
-        ok = await self._tail.sync() if self._tail is not None else True
+        """Read the lists topic to its end before anything is applied (retried); raises
+        :class:`RailSyncError` when it cannot: applying without knowing a list's holds could apply
+        its later syncs ahead of a hold, so the sink stops instead."""
+        for attempt in range(1, RAIL_SYNC_ATTEMPTS + 1):
+            if self._tail is None or await self._tail.sync():
+                break
+            log.warning("lists topic not caught up; retrying", extra={"attempt": attempt})
+        else:
+            raise RailSyncError(f"the lists topic {self.settings.topics.sink_lists} could not be read to its end "
+                                f"({RAIL_SYNC_ATTEMPTS} tries): the sink stops rather than apply a list's changes "
+                                "ahead of a hold it cannot see; check the broker, then restart the sink")
         self._schedule_resolves()
         self._export_held()
-        return ok
+        return True
 
     def _resync_after_assign(self) -> None:
         if self._tail is not None:
@@ -678,7 +692,11 @@ class SinkRunner:
         if self.rail_for is not None:
             self._tail = ListsTail(self.settings.kafka_bootstrap, self.settings.topics.sink_lists, self._on_lists)
             self._tail.start(loop)
-            await self._sync_lists()
+            try:
+                await self._sync_lists()
+            except RailSyncError:
+                await loop_stop(self._tail)
+                raise
         consumer = self._consumer = Consumer(self._consumer_config())
         self._loop, self._loop_thread = loop, threading.get_ident()
         consumer.subscribe([self.settings.topics.deltas], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -704,6 +722,13 @@ class SinkRunner:
                     self._commit(consumer, sync=False)
                     self.applied.expire(time.time())
                     last_commit = time.monotonic()
+                if self._tail is not None and self._tail.ensure_alive():
+                    self._resync_after_assign()  # nothing applied until the restarted tail caught up
+                if (self._rail_sync is not None and self._rail_sync.done() and not self._rail_sync.cancelled()
+                        and self._rail_sync.exception() is not None):
+                    log.error("lists topic not caught up; stopping the sink")
+                    self._failure = self._rail_sync.exception()
+                    self.stop()
                 if time.monotonic() - last_lag >= lag.LAG_INTERVAL_SECONDS and self.settings.metrics_port:
                     await self._export_lag(consumer, poller)
                     last_lag = time.monotonic()
@@ -735,6 +760,14 @@ class SinkRunner:
             await self.sink.close()
             self.producer.close()
             log.info("sink stopped", extra={"sink": self.sink.name})
+
+
+class RailSyncError(RuntimeError):
+    """The removal rail's lists topic could not be read to its end: nothing may be applied."""
+
+
+RAIL_SYNC_ATTEMPTS = 3
+"""Tries of :meth:`ListsTail.sync` (30 s each) before the sink stops."""
 
 
 async def loop_stop(tail: ListsTail) -> None:

@@ -70,8 +70,8 @@ def test_a_mass_removal_is_held_a_later_sync_waits_and_release_applies_both_in_o
     assert row["waiting_deltas"] == [later.delta_id] and row["decision"] is None and row["chunks_held"] == 2
     assert sim_members(pipeline, "acme", "Seg") == set(everyone)  # nothing of either applied
     shown = cli(pipeline, "held", "show", mass.delta_id[:8])
-    assert shown["waiting_detail"] == [{"delta_id": later.delta_id, "kind": "sync", "sync_task_id": None,
-                                        "chunks": 1, "adds": 2, "removes": 0}]
+    assert shown["waiting_detail"] == [{"hold": later.delta_id, "delta_id": later.delta_id, "replay_id": None,
+                                        "kind": "sync", "sync_task_id": None, "chunks": 1, "adds": 2, "removes": 0}]
     assert "u0@example.com" not in str(shown)  # no contact ids
     held_metric = 'heapsync_sink_held_deltas{account="acme",sink="cordial"}'
     assert wait_for(lambda: f"{held_metric} 1.0" in metrics(metrics_port), 30), metrics(metrics_port)

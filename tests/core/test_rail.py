@@ -100,8 +100,8 @@ def test_state_from_records_orders_the_queue_and_tombstones_delete() -> None:
     assert [c.delta.chunk_key for c in state.queue(("acme", "L"))] == ["d1:1", "d1:2", "d2:1"]
     [row] = state.holds()
     assert row["delta_id"] == "d1" and row["waiting_deltas"] == ["d2"] and row["chunks_held"] == 2
-    assert state.waiting_behind("d1") == [{"delta_id": "d2", "kind": "sync", "sync_task_id": None, "chunks": 1,
-                                           "adds": 0, "removes": 1}]
+    assert state.waiting_behind("d1") == [{"hold": "d2", "delta_id": "d2", "replay_id": None, "kind": "sync",
+                                           "sync_task_id": None, "chunks": 1, "adds": 0, "removes": 1}]
     decision = HoldDecision(sink="cordial", delta_id="d1", account="acme", list_name="L", action="discard")
     state.feed(decision_key("cordial", "d1"), decision.model_dump_json().encode())
     assert state.holds()[0]["decision"] == "discard"
@@ -126,3 +126,67 @@ def test_the_queue_order_does_not_depend_on_the_order_records_are_read(order: li
     assert [c.delta.chunk_key for c in state.queue(("acme", "L"))] == [c.delta.chunk_key for c in chunks]
     [row] = state.holds()
     assert (row["delta_id"], row["waiting_deltas"]) == ("d0", ["d1", "d2"])
+
+
+@given(rails)
+def test_a_list_never_counted_holds_a_drain_exactly_when_it_would_hold_a_sync_s_removal(rail: RemovalRail) -> None:
+    """Counts start at the upgrade: an uncounted list (None) must not let a drain through that the
+    same list's removal of a single member would not pass."""
+    drain = hold_reason(None, "drain", 0, rail)
+    removal = hold_reason(None, "sync", 1, rail)
+    assert (drain is not None) == (removal is not None or rail.hold_drains)
+    if rail.max_removal_fraction is not None and not rail.hold_drains:
+        assert drain is not None and "never counted" in drain
+    assert hold_reason(0, "drain", 0, RemovalRail(max_removal_fraction=0.5)) is None  # counted, empty: harmless
+
+
+def test_display_readers_keep_sizes_not_contact_ids() -> None:
+    """The status page, `heapsync status` and `heapsync held` build the state without ids: a held
+    removal of many contacts costs them its sizes only, and shows the same numbers."""
+    ids = [f"user{n}@example.com" for n in range(500)]
+    chunk = HeldChunk(sink="cordial", role="held", seq=1, reason="r", partition=0, offset=1, removes=500,
+                      delta=make_delta("L", add=["new@example.com"], remove=ids, delta_id="d1"))
+    waiting = HeldChunk(sink="cordial", role="waiting", seq=2, partition=0, offset=2,
+                        delta=make_delta("L", add=ids[:3], delta_id="d2"))
+    full, display = ListsState("cordial"), ListsState("cordial", keep_ids=False)
+    for state in (full, display):
+        for c in (chunk, waiting):
+            state.feed(held_key("cordial", c.delta.chunk_key), c.model_dump_json().encode())
+    assert display.holds() == full.holds()
+    assert display.waiting_behind("d1") == full.waiting_behind("d1")
+    assert display.holds()[0]["adds"] == 1 and display.waiting_behind("d1")[0]["adds"] == 3
+    assert "example.com" not in repr(display.pending)
+    assert "example.com" in repr(full.pending)  # the sink keeps them: it applies the chunk on release
+
+
+def test_the_status_page_keeps_no_contact_ids_of_held_deltas() -> None:
+    from heapsync_ops.status_page import StatusBoard
+
+    board = StatusBoard()
+    chunk = HeldChunk(sink="cordial", role="held", seq=1, reason="r", partition=0, offset=1,
+                      delta=make_delta("L", remove=["secret@example.com"], delta_id="d1"))
+    board.on_lists(held_key("cordial", chunk.delta.chunk_key).encode(), chunk.model_dump_json().encode())
+    assert "secret@example.com" not in repr(board.held["cordial"].pending)
+    assert board.held["cordial"].holds()[0]["hold"] == "d1"
+
+
+def test_an_operator_names_the_original_by_its_delta_id_and_a_replayed_copy_with_its_replay_id() -> None:
+    from heapsync_ops.held import HoldError, find
+
+    state = ListsState("cordial", keep_ids=False)
+    did = "abcdef0123456789" * 2
+    for n, replay in enumerate([None, "r7"]):
+        c = HeldChunk(sink="cordial", role="held", seq=n, reason="r", partition=0, offset=n,
+                      delta=make_delta("L" if replay is None else "M", remove=["x"], delta_id=did).model_copy(
+                          update={"replay_id": replay}))
+        state.feed(held_key("cordial", c.delta.chunk_key), c.model_dump_json().encode())
+    assert find(state, did)["list_name"] == "L" and find(state, did[:8])["replay_id"] is None
+    assert find(state, f"{did[:8]}@r7")["hold"] == f"{did}@r7"
+    with pytest.raises(HoldError, match="no held delta"):
+        find(state, f"{did}@r8")
+    decision = HoldDecision(sink="cordial", delta_id=did, replay_id="r7", account="acme", list_name="M",
+                            action="release")
+    state.feed(decision_key("cordial", f"{did}@r7"), decision.model_dump_json().encode())
+    assert {r["hold"]: r["decision"] for r in state.holds()} == {did: None, f"{did}@r7": "release"}
+    old = b'{"schema_version": 1, "sink": "cordial", "delta_id": "d", "account": "a", "list_name": "L", "action": "discard"}'
+    assert HoldDecision.model_validate_json(old).replay_id is None  # a record from before replays were named

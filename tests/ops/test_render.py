@@ -98,3 +98,7 @@ def test_status_lists_what_the_removal_rail_holds(monkeypatch: pytest.MonkeyPatc
     out.truncate(0)
     render_status(status_doc("Seg"))  # a document without the key (an older status) still renders
     assert "held by the removal rail (heapsync held list|show|release|discard): none" in plain(out.getvalue())
+    out.truncate(0)
+    replayed = {**doc["held"][0], "hold": "d-held@r7", "replay_id": "r7"}
+    render_status({**status_doc("Seg"), "held": [replayed]})
+    assert "d-held@r7" in plain(out.getvalue())  # a replayed copy is named so `heapsync held release` finds it

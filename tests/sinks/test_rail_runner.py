@@ -1,0 +1,156 @@
+"""The removal rail inside the sink runner, without a broker: a fake producer and a fake lists tail.
+
+Covers the runner's own rules (review of issue 14): nothing is applied before the lists topic is
+read to its end, a replayed copy of a held delta is its own hold, an uncounted list's drain is held."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from heapsync.contracts import Delta, HeldChunk, HoldDecision
+from heapsync.held import decision_key, hold_id_of
+from heapsync.settings import RemovalRail, Settings
+from sinks.lists_tail import ListsTail
+from sinks.offsets import Entry, PartitionProgress
+from sinks.protocol import DeadLetters
+from sinks.runner import RailSyncError, SinkRunner, _Item
+from tests.sink_helpers import make_delta
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes | None, bytes]] = []
+
+    async def send(self, topic: str, value: bytes | None, key: bytes) -> None:
+        self.sent.append((topic, value, key))
+
+
+class RecordingSink:
+    name = "cordial"
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def apply(self, delta: Delta) -> None:
+        self.applied.append(delta.chunk_key)
+
+
+class FakeTail:
+    def __init__(self, caught_up: bool) -> None:
+        self.caught_up = caught_up
+        self.calls = 0
+
+    async def sync(self, timeout: float = 30.0) -> bool:
+        self.calls += 1
+        return self.caught_up
+
+    def ensure_alive(self) -> bool:
+        return False
+
+
+RAIL = RemovalRail(max_removal_fraction=0.5, hold_drains=True)
+
+
+def runner(rail: RemovalRail = RAIL) -> tuple[SinkRunner, RecordingSink]:
+    sink = RecordingSink()
+    dead = DeadLetters(FakeProducer(), "dlq", "cordial")  # type: ignore[arg-type]
+    return SinkRunner(sink, Settings(), dead, rail_for=lambda d: rail), sink  # type: ignore[arg-type]
+
+
+def item(delta: Delta) -> _Item:
+    return _Item(None, delta, PartitionProgress("deltas", 0), Entry(0))
+
+
+async def test_a_chunk_is_never_applied_while_the_lists_topic_cannot_be_read_to_its_end() -> None:
+    r, sink = runner()
+    tail = FakeTail(caught_up=False)
+    r._tail = tail  # type: ignore[assignment]
+    r._resync_after_assign()
+    with pytest.raises(RailSyncError, match="could not be read to its end"):
+        await r._process(item(make_delta("L", add=["a@x.io"])))
+    assert sink.applied == []
+    assert tail.calls > 1  # retried before giving up
+
+
+async def test_a_chunk_is_applied_once_the_lists_topic_caught_up() -> None:
+    r, sink = runner()
+    r._tail = FakeTail(caught_up=True)  # type: ignore[assignment]
+    r._resync_after_assign()
+    d = make_delta("L", add=["a@x.io"])
+    await r._process(item(d))
+    assert sink.applied == [d.chunk_key]
+
+
+def test_a_dead_tail_thread_is_started_again_and_catches_up() -> None:
+    runs: list[int] = []
+
+    class Tail(ListsTail):
+        def _run(self) -> None:
+            runs.append(1)
+            if len(runs) == 1:
+                return  # the first thread dies (as on an unexpected error)
+            while not self._stop.is_set():
+                with self._lock:
+                    requests, self._requests = self._requests, []
+                for future in requests:
+                    self._resolve(future)
+                self._stop.wait(0.01)
+
+    async def scenario() -> bool:
+        tail = Tail("127.0.0.1:1", "lists", lambda batch: None)
+        tail.start(asyncio.get_running_loop())
+        assert tail._thread is not None
+        tail._thread.join(5)
+        assert not tail.alive()
+        try:
+            return await tail.sync(timeout=5)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
+    assert asyncio.run(scenario()) is True
+    assert len(runs) == 2
+
+
+def held_chunk(delta: Delta, role: str, seq: int) -> HeldChunk:
+    return HeldChunk(sink="cordial", role=role, seq=seq, reason="x" if role == "held" else "", partition=0, offset=seq,
+                     delta=delta)
+
+
+@pytest.mark.parametrize("action", ["release", "discard"])
+async def test_a_decision_on_a_held_delta_leaves_its_replayed_copy_in_its_place(action: str) -> None:
+    """Queue [D1 held, D2 waiting, D1@replay waiting]: deciding D1 touches D1 only; D2 comes next,
+    and the replay (a drain, held by hold_drains) becomes the list's new hold."""
+    r, sink = runner()
+    d1 = make_delta("L", kind="drain", delta_id="d1" * 16)
+    d2 = make_delta("L", add=["b@x.io"], delta_id="d2" * 16)
+    replay = d1.model_copy(update={"replay_id": "r1"})
+    for n, (d, role) in enumerate([(d1, "held"), (d2, "waiting"), (replay, "waiting")]):
+        r.lists.put(held_chunk(d, role, n))
+    before = r.lists.holds()
+    r.lists.feed(decision_key("cordial", d1.delta_id), HoldDecision(
+        sink="cordial", delta_id=d1.delta_id, account="acme", list_name="L", action=action).model_dump_json().encode())
+    await r._resolve("acme:L")
+    assert sink.applied == ([d1.chunk_key, d2.chunk_key] if action == "release" else [d2.chunk_key])
+    assert [(row.get("hold"), row["waiting_deltas"]) for row in before] == [
+        (d1.delta_id, [d2.delta_id, f"{d1.delta_id}@r1"])]  # the replay waits as a delta of its own
+    rows = r.lists.holds()
+    assert [(row["hold"], row["decision"]) for row in rows] == [(hold_id_of(replay), None)]
+    assert replay.chunk_key not in r.applied  # a discard of the original does not discard its replay
+
+
+async def test_a_drain_of_a_list_the_sink_never_counted_is_held() -> None:
+    r, sink = runner(RemovalRail(max_removal_fraction=0.5))
+    drain = make_delta("Old", kind="drain")
+    await r._process(item(drain))
+    assert sink.applied == []
+    assert [row["hold"] for row in r.lists.holds()] == [drain.delta_id]
+    r.lists.counts[("acme", "Counted")] = 0  # counted and empty: a drain is harmless
+    counted = make_delta("Counted", kind="drain")
+    await r._process(item(counted))
+    assert sink.applied == [counted.chunk_key]
