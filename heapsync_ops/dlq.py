@@ -341,11 +341,8 @@ def newer_syncs(refs: Mapping[str, SyncRef], deltas: Iterable[Record]) -> dict[s
     for rec in deltas:
         if rec.value is None or (rec.key is not None and not rec.key.startswith(prefixes)):
             continue  # keyed "<account>:<list>": other accounts' deltas are not even parsed
-        try:
-            doc = orjson.loads(rec.value)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(doc, dict):
+        doc = decode_json(rec.value)
+        if doc is None:
             continue
         ids = by_segment.get((str(doc.get("account")), str(doc.get("segment_id"))))
         if not ids:

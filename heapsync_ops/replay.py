@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import orjson
 
-from heapsync.contracts import TICK
+from heapsync.contracts import TICK, decode_json
 from heapsync.settings import Settings
 from heapsync.topic_reader import Record, read_topic
 
@@ -123,11 +123,8 @@ def select(kind: Kind, record: Record, flt: Filter, replay_id: str) -> Selected 
         return "tombstone"
     if kind == "pages" and raw.strip() == TICK:
         return "tick"
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "unreadable"
-    if not isinstance(doc, dict):
+    doc = decode_json(raw)
+    if doc is None:
         return "unreadable"
     if doc.get("control") is not None:
         return "tick"

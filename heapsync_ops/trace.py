@@ -40,7 +40,7 @@ from typing import Any, Literal
 
 import orjson
 
-from heapsync.contracts import RedriveMark, mark_key
+from heapsync.contracts import RedriveMark, decode_json, mark_key
 from heapsync.identities import compared_as, normalise_email, same_contact
 from heapsync.topic_reader import Record, latest_by_key
 
@@ -126,13 +126,8 @@ def seen_in(rec: Record, asked: str, flt: Filter = Filter(), accounts: IdentityK
     """The contact's change in one deltas record (a drain counts for any contact); [] when none.
 
     Tolerant: an unreadable record, or one of another shape, touches no one."""
-    if rec.value is None:
-        return []
-    try:
-        doc = orjson.loads(rec.value)
-    except orjson.JSONDecodeError:
-        return []
-    if not isinstance(doc, dict) or not isinstance(doc.get("delta_id"), str):
+    doc = decode_json(rec.value)
+    if doc is None or not isinstance(doc.get("delta_id"), str):
         return []
     account, list_name = str(doc.get("account") or ""), str(doc.get("list_name") or "")
     segment_id = str(doc.get("segment_id") or "")
@@ -191,11 +186,8 @@ def applied_chunks(records: Iterable[Record], sink: str) -> dict[str, Applied]:
     for key, rec in latest_by_key(records).items():
         if not key.startswith(prefix):
             continue
-        try:
-            doc = orjson.loads(rec.value or b"null")
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(doc, dict):
+        doc = decode_json(rec.value)
+        if doc is None:
             continue
         chunk_key = key[len(prefix):].decode("utf-8", "replace")
         dead = doc.get("dead_lettered")
@@ -297,11 +289,8 @@ def held_states(records: Iterable[Record], sink: str) -> dict[str, HeldState]:
                 prior = out[chunk_key]
                 out[chunk_key] = HeldState(chunk_key, "decided", prior.at, prior.reason)
             continue
-        try:
-            doc = orjson.loads(rec.value)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(doc, dict):
+        doc = decode_json(rec.value)
+        if doc is None:
             continue
         role: Literal["held", "waiting"] = "waiting" if doc.get("role") == "waiting" else "held"
         reason = str(doc.get("reason") or "") if role == "held" else "behind a held delta of this list"
