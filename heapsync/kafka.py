@@ -106,7 +106,10 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
 
 
 def create_missing(admin: AdminClient, topics: list[NewTopic], timeout: float = 30.0) -> list[str]:
-    """Create those of ``topics`` that do not exist yet; returns the names created (a race with another creator is fine)."""
+    """Create those of ``topics`` that do not exist yet; returns the names created (a race with another creator is fine).
+
+    Returns once every created topic has a leader for each partition (see :func:`wait_until_led`).
+    """
     existing = set(admin.list_topics(timeout=timeout).topics)
     new = [t for t in topics if t.topic not in existing]
     if not new:
@@ -120,4 +123,30 @@ def create_missing(admin: AdminClient, topics: list[NewTopic], timeout: float = 
             if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
                 continue
             raise
+    wait_until_led(admin, created, timeout)
     return created
+
+
+def led(meta: Any) -> bool:
+    """Whether a topic's metadata (``TopicMetadata`` or None) shows it usable: every partition led, no error."""
+    return (meta is not None and meta.error is None and bool(meta.partitions)
+            and all(p.error is None and p.leader >= 0 for p in meta.partitions.values()))
+
+
+def wait_until_led(admin: AdminClient, names: list[str], timeout: float) -> None:
+    """Wait (up to ``timeout``) until the brokers' metadata shows every topic of ``names`` led.
+
+    Apache Kafka acknowledges a CreateTopics request before every broker's metadata has the new
+    topic: a describe or a produce right after can still see it missing. Past the timeout the
+    caller goes on; clients retry unknown topics themselves, and ``heapsync topics`` reports it.
+    """
+    pending = set(names)
+    deadline = time.monotonic() + timeout
+    while pending:
+        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        pending = {n for n in pending if not led(md.topics.get(n))}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if pending:
+        log.warning("created topics not yet led after %.0f s: %s", timeout, sorted(pending))

@@ -44,10 +44,11 @@ def describe(settings: Settings, *, create: bool = True, timeout: float = 15.0) 
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
-    from heapsync.kafka import ensure_topics
+    from heapsync.kafka import ensure_topics, wait_until_led
 
     created = set(ensure_topics(settings, timeout=timeout)) if create else set()
     admin = AdminClient(client_config(settings.kafka_bootstrap))
+    wait_until_led(admin, sorted(created), timeout)  # this client may ask a broker that learns of them later
     md = admin.list_topics(timeout=timeout)
     wanted = topic_configs(settings)
     rows: list[dict[str, Any]] = []
@@ -55,7 +56,8 @@ def describe(settings: Settings, *, create: bool = True, timeout: float = 15.0) 
         meta = md.topics.get(name)
         if meta is None or meta.error is not None:
             rows.append({"topic": name, "partitions": None, "replication": None, "retention": None,
-                         "cleanup_policy": None, "state": "missing"})
+                         "cleanup_policy": None,
+                         "state": "created, not yet in the brokers' metadata" if name in created else "missing"})
             continue
         actual: dict[str, str] = {}
         try:
