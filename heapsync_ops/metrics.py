@@ -8,7 +8,9 @@ applied; the progress topic does not):
 
 - ``heapsync_list_last_applied_timestamp_seconds{sink,account,list}``: when the sink last applied a
   chunk of a *sync* of the list (epoch seconds). A list whose latest applied delta is a drain is not
-  reported: Heap drained the segment and sends no more syncs for it.
+  reported: Heap drained the segment and sends no more syncs for it. A held delta an operator
+  discarded (``heapsync held discard``; its progress records say ``discarded``) was not applied and
+  does not move it.
 - ``heapsync_dead_letters_pending{source,reason}``: dead letters with no ``redriven`` mark yet, per
   topic (``rejected``, ``assembler``, ``sink``, as ``heapsync dlq`` names them) and reason; the same
   count as ``heapsync status`` (:func:`heapsync_ops.dlq.counts_by_reason`).
@@ -48,7 +50,10 @@ class OpsView:
         self._reasons: dict[str, set[str]] = {}
 
     def on_applied(self, chunk: AppliedChunk) -> None:
-        """One record of the sink progress topic; ``applied_at`` says when its chunk was applied."""
+        """One record of the sink progress topic; ``applied_at`` says when its chunk was applied (a
+        discarded chunk was not: nothing was sent, so it moves nothing)."""
+        if chunk.discarded:
+            return
         key = (chunk.sink, chunk.account, chunk.list_name)
         at = chunk.applied_at.timestamp()
         if chunk.kind == "drain":

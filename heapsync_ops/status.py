@@ -81,12 +81,13 @@ def open_syncs(latest: dict[bytes, Record], now: float) -> list[dict[str, Any]]:
 
 
 def last_applied(records: Iterable[Record]) -> list[dict[str, Any]]:
-    """The latest applied chunk per sink and list, from AppliedChunk records."""
+    """The latest applied chunk per sink and list, from AppliedChunk records (a chunk of a held delta an
+    operator discarded was not applied: its record is skipped)."""
     latest: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rec in records:
         doc = decode_json(rec.value)
         chunk = read_tolerant(AppliedChunk, doc) if doc is not None else None
-        if chunk is None:
+        if chunk is None or chunk.discarded:
             continue
         d = chunk.model_dump(mode="json")
         k = (chunk.sink, chunk.account, chunk.list_name)

@@ -1,7 +1,8 @@
 """A small read-only status page for the ingress: ``GET /status`` (HTML) and ``GET /status.json``.
 
 Shows recent syncs per account and list (chunks applied per sink, adds, removes,
-whether complete) and recent failures, from the sink progress topic and the
+whether complete; a delta an operator discarded with ``heapsync held discard`` says
+discarded, never applied) and recent failures, from the sink progress topic and the
 three dead-letter topics. A background task tails those topics (no consumer
 group, nothing committed); it starts with the first request to the page, so an
 ingress nobody looks at pays nothing. No user ids are shown: counts, names and
@@ -56,6 +57,7 @@ class SyncView:
     chunks: int = 1
     complete: bool = True
     applied: dict[str, set[int]] = field(default_factory=dict)  # sink -> chunk numbers
+    discarded: dict[str, set[int]] = field(default_factory=dict)  # sink -> chunk numbers discarded, never sent
     chunk_counts: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk -> (adds, removes)
     dead_lettered: int = 0
     failures: int = 0
@@ -67,6 +69,7 @@ class SyncView:
             "sync_task_id": self.sync_task_id, "replay_id": self.replay_id, "kind": self.kind,
             "chunks": self.chunks, "complete": self.complete,
             "applied": {s: len(c) for s, c in sorted(self.applied.items())},
+            "discarded": {s: len(c) for s, c in sorted(self.discarded.items())},
             "adds": sum(a for a, _ in self.chunk_counts.values()),
             "removes": sum(r for _, r in self.chunk_counts.values()),
             "dead_lettered": self.dead_lettered + self.failures, "last_at": self.last_at,
@@ -106,12 +109,16 @@ class StatusBoard:
         return view
 
     def on_applied(self, chunk: AppliedChunk) -> None:
-        """One record of the sink progress topic."""
+        """One record of the sink progress topic: a chunk applied, or discarded by an operator (a held delta
+        ``heapsync held discard`` decided: recorded as done, nothing sent, so not counted as applied)."""
         self.records += 1
         replay_id = chunk.chunk_key.split("@", 1)[1] if "@" in chunk.chunk_key else None
         view = self._sync(chunk.account, chunk.list_name, chunk.delta_id, replay_id, chunk.sync_task_id)
-        view.applied.setdefault(chunk.sink, set()).add(chunk.chunk)
-        view.chunk_counts[chunk.chunk] = (chunk.adds, chunk.removes)
+        if chunk.discarded:
+            view.discarded.setdefault(chunk.sink, set()).add(chunk.chunk)
+        else:
+            view.applied.setdefault(chunk.sink, set()).add(chunk.chunk)
+            view.chunk_counts[chunk.chunk] = (chunk.adds, chunk.removes)
         view.kind = chunk.kind
         view.chunks = max(view.chunks, chunk.chunks or 1)
         view.complete = chunk.complete
@@ -193,7 +200,9 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
         parts.append("<table><tr><th>sync</th><th>kind</th><th>progress</th><th>adds</th><th>removes</th>"
                      "<th>failures</th><th>last applied</th></tr>")
         for s in group["syncs"]:
-            progress = ", ".join(f"{e(sink)} {n}/{s['chunks']}" for sink, n in s["applied"].items()) or "-"
+            discarded = s.get("discarded") or {}
+            progress = ", ".join([f"{e(sink)} {n}/{s['chunks']}" for sink, n in s["applied"].items()]
+                                 + [f"{e(sink)} discarded" for sink in discarded]) or "-"
             done = all(n >= s["chunks"] for n in s["applied"].values()) and bool(s["applied"])
             state = "ok" if done and s["complete"] and not s["dead_lettered"] else (
                 "bad" if s["dead_lettered"] else "warn")
@@ -202,6 +211,8 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
                 label += f" (replay {s['replay_id']})"
             if not s["complete"]:
                 label += " (partial)"
+            if discarded:
+                label += " (held and discarded by an operator: nothing sent)"
             parts.append(
                 f"<tr class='{state}'><td>{e(str(label))}</td><td>{e(s['kind'])}</td><td>{progress}</td>"
                 f"<td>{s['adds']}</td><td>{s['removes']}</td><td>{s['dead_lettered']}</td>"

@@ -122,6 +122,17 @@ def test_last_applied_sync_per_list_moves_forward_only_and_a_drained_list_is_not
     assert ("cordial", "acme", "VIP") in view.last_applied
 
 
+def test_a_discarded_delta_does_not_move_the_last_applied_time_of_its_list() -> None:
+    """A held delta an operator discarded was never sent: its progress records (``discarded``) leave the
+    gauge at the last sync that was applied, and a discarded drain does not drop the list from it."""
+    view = OpsView()
+    view.on_applied(applied("acme", "Churn", "2026-01-01T08:00:00+00:00"))
+    view.on_applied(applied("acme", "Churn", "2026-01-01T09:00:00+00:00").model_copy(update={"discarded": True}))
+    view.on_applied(applied("acme", "Churn", "2026-01-01T10:00:00+00:00", kind="drain").model_copy(
+        update={"discarded": True}))
+    assert view.last_applied[("cordial", "acme", "Churn")] == 1767254400.0  # still 08:00
+
+
 def test_dead_letters_pending_until_redriven_counted_once_per_entry() -> None:
     view = OpsView()
     view.on_dead_letter("sink", "p.sink.dlq", 0, 5, dead_letter("sink", {"reason": "cordial rejected the operation"}))

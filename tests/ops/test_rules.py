@@ -213,6 +213,10 @@ def test_last_applied_keeps_the_latest_chunk_per_sink_and_list() -> None:
                                 chunk("cordial", "s2", "2026-01-01T00:00:02"),
                                 chunk("archive", "s1", "2026-01-01T00:00:03")])
     assert [(r["sink"], r["sync_task_id"]) for r in rows] == [("archive", "s1"), ("cordial", "s2")]
+    discarded = rec({**orjson.loads(chunk("cordial", "s3", "2026-01-01T00:00:09").value or b""), "adds": 0,
+                     "removes": 0, "discarded": True})  # a held delta `heapsync held discard` decided: not applied
+    rows = status.last_applied([chunk("cordial", "s2", "2026-01-01T00:00:02"), discarded])
+    assert [(r["sink"], r["sync_task_id"]) for r in rows] == [("cordial", "s2")]
 
 
 @given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c"]), st.one_of(st.none(), st.binary(min_size=1))),

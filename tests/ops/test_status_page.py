@@ -76,6 +76,23 @@ def test_a_dead_letter_written_in_parts_counts_once() -> None:
     assert snap["failure_counts"] == {"assembler: sync timed out with pages missing": 1}
 
 
+def test_a_discarded_delta_says_discarded_not_applied_with_zero_changes() -> None:
+    """``heapsync held discard`` records every chunk of the held delta as done with ``discarded`` set: the page
+    must not count it as applied (0 adds, 0 removes, "cordial 2/2", green)."""
+    board = StatusBoard()
+    board.on_applied(applied("d1", 1, 1))
+    for n in (1, 2):
+        board.on_applied(applied("d9", n, 2, adds=0, removes=0).model_copy(update={"discarded": True}))
+    snap = board.snapshot()
+    [d9, d1] = snap["lists"][0]["syncs"]
+    assert (d9["delta_id"], d9["applied"], d9["discarded"]) == ("d9", {}, {"cordial": 2})
+    assert (d1["applied"], d1["discarded"]) == ({"cordial": 1}, {})
+    page = render_html(snap)
+    [row] = [r for r in page.split("<tr") if "task-d9" in r]
+    assert "cordial discarded" in row and "discarded by an operator: nothing sent" in row
+    assert "cordial 2/2" not in row and "class='warn'" in row
+
+
 def test_page_escapes_names() -> None:
     board = StatusBoard()
     board.on_applied(applied("d1", 1, 1, list_name="<script>x</script>"))
