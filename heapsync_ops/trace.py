@@ -15,10 +15,11 @@ one partition and its offset order), each change gets one outcome for the chosen
 - ``repeat``: a later copy of a chunk already applied (the sink skips it: at-least-once delivery);
 - ``dead-lettered``: the contact's operation failed for good (with the reason, Cordial's status
   and, once re-driven, the replay id; the re-driven change is a row of its own, later);
-- ``held`` (the removal rail stopped it, issue 14 §1), ``waiting`` (a later chunk of the list kept
-  behind that hold), ``discarded`` (an operator discarded the hold: nothing sent); a released hold is
-  ``applied`` with "held ..., released" in its detail (:func:`held_states`, from the rail's compacted
-  ``<prefix>.sink.lists`` topic, and the ``discarded`` flag of the progress record);
+- ``held`` (the removal rail stopped its delta, issue 14 §1: every chunk of it), ``waiting`` (a chunk
+  of a later delta of the list kept behind that hold), ``discarded`` (an operator discarded the hold:
+  nothing sent); a released hold is ``applied`` with "held ..., released" in its detail
+  (:func:`held_states`, from the rail's compacted ``<prefix>.sink.lists`` topic, and the
+  ``discarded`` flag of the progress record);
 - ``pending``: on the topic but not applied yet (the sink is behind).
 
 Emails are personal data: only the asked contact's own entries are kept; nothing else from a chunk
@@ -34,19 +35,28 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 
-from heapsync.contracts import RedriveMark, decode_json, mark_key
+from heapsync.contracts import (
+    HeldChunk,
+    HoldDecision,
+    RedriveMark,
+    decode_json,
+    mark_key,
+    read_tolerant,
+)
+from heapsync.held import hold_id_of
 from heapsync.identities import compared_as, normalise_email, same_contact
 from heapsync.topic_reader import Record, latest_by_key
 
 Change = Literal["add", "remove", "drain"]
 Outcome = Literal["applied", "repeat", "dead-lettered", "held", "waiting", "discarded", "pending"]
 DETAIL_MAX_CHARS = 200
+_M = TypeVar("_M", HeldChunk, HoldDecision)
 
 
 IdentityKeys = Mapping[str, Any]
@@ -264,37 +274,72 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
 class HeldState:
     """What the removal rail did with a chunk (issue 14 §1), from its compacted lists topic.
 
-    ``state`` ``held`` (the rail stopped it: ``heapsync held release|discard`` decides) or ``waiting``
-    (kept behind a hold of its list) while the hold record is there; ``decided`` once it was deleted
-    (the progress record then says applied, i.e. released, or discarded). A decided hold is known only
-    until the topic is compacted."""
+    ``state`` ``held`` (the rail stopped its delta: ``heapsync held release|discard`` decides; every
+    chunk of a held delta is held with it, the first one checked by the rail, the others kept as its
+    own) or ``waiting`` (kept behind a hold of another delta of its list) while the hold record is
+    there; ``decided`` once it was deleted (the progress record then says applied, i.e. released, or
+    discarded). ``decision``: an operator's release or discard the sink has not carried out yet. A
+    decided hold is known only until the topic is compacted."""
 
     chunk_key: str
     state: Literal["held", "waiting", "decided"]
     at: datetime | None = None
     reason: str = ""
+    hold: str = ""  # the held delta it belongs to (``heapsync held`` names it so)
+    decision: Literal["release", "discard"] | None = None
+
+
+def _rail_record(value: bytes | None, model: type[_M]) -> _M | None:
+    """A lists-topic record as its contract model; None for one that does not read (it is skipped)."""
+    doc = decode_json(value)
+    return None if doc is None else read_tolerant(model, doc)
 
 
 def held_states(records: Iterable[Record], sink: str) -> dict[str, HeldState]:
     """``chunk_key`` -> the rail's state, from the lists topic's records in order (keys
-    ``<sink>|held|<chunk_key>``: a ``HeldChunk`` while held, a tombstone once decided)."""
-    prefix = f"{sink}|held|".encode()
+    ``<sink>|held|<chunk_key>``: a ``HeldChunk`` while held, a tombstone once decided;
+    ``<sink>|decision|<hold>``: a ``HoldDecision`` until the sink carried it out).
+
+    The sink writes chunks 2..N of a held delta as "waiting" (behind chunk 1, the one the rail
+    checked); they are held with it, so they take its state and reason."""
+    held_prefix, decision_prefix = f"{sink}|held|".encode(), f"{sink}|decision|".encode()
     out: dict[str, HeldState] = {}
+    roles: dict[str, str] = {}  # chunk_key -> the role the sink wrote
+    decisions: dict[str, HoldDecision] = {}
     for rec in records:
-        if rec.key is None or not rec.key.startswith(prefix):
+        if rec.key is None:
             continue
-        chunk_key = rec.key[len(prefix):].decode("utf-8", "replace")
+        if rec.key.startswith(decision_prefix):
+            hold = rec.key[len(decision_prefix):].decode("utf-8", "replace")
+            decision = _rail_record(rec.value, HoldDecision)
+            if decision is None:
+                decisions.pop(hold, None)  # carried out (a tombstone), or does not read
+            else:
+                decisions[hold] = decision
+            continue
+        if not rec.key.startswith(held_prefix):
+            continue
+        chunk_key = rec.key[len(held_prefix):].decode("utf-8", "replace")
         if rec.value is None:
             if chunk_key in out:
-                prior = out[chunk_key]
-                out[chunk_key] = HeldState(chunk_key, "decided", prior.at, prior.reason)
+                out[chunk_key] = replace(out[chunk_key], state="decided")
             continue
-        doc = decode_json(rec.value)
-        if doc is None:
+        chunk = _rail_record(rec.value, HeldChunk)
+        if chunk is None:
             continue
-        role: Literal["held", "waiting"] = "waiting" if doc.get("role") == "waiting" else "held"
-        reason = str(doc.get("reason") or "") if role == "held" else "behind a held delta of this list"
-        out[chunk_key] = HeldState(chunk_key, role, _when(doc.get("held_at"), rec.timestamp_ms), reason)
+        roles[chunk_key] = chunk.role
+        reason = chunk.reason if chunk.role == "held" else "behind a held delta of this list"
+        at = chunk.held_at if chunk.held_at.tzinfo else chunk.held_at.replace(tzinfo=timezone.utc)
+        out[chunk_key] = HeldState(chunk_key, chunk.role, at, reason, hold_id_of(chunk.delta))
+    heads = {h.hold: h for key, h in out.items() if roles.get(key) == "held"}  # the chunk the rail checked
+    for chunk_key, h in out.items():
+        head = heads.get(h.hold)
+        if roles.get(chunk_key) == "waiting" and head is not None:  # a later chunk of the held delta itself
+            h = out[chunk_key] = replace(h, state="held" if h.state == "waiting" else h.state, at=head.at,
+                                         reason=head.reason)
+        decision = decisions.get(h.hold)
+        if decision is not None and h.state == "held":
+            out[chunk_key] = replace(h, decision=decision.action)
     return out
 
 
@@ -378,7 +423,9 @@ def trace_steps(seen: Iterable[Seen], applied: Mapping[str, Applied],
         h = held.get(s.chunk_key)
         if done is None and not any(d.named for d in dead.get(s.chunk_key, [])):
             if h is not None and h.state != "decided":
-                steps.append(Step(s, h.state, h.at, h.reason))
+                note = (f"; {h.decision} decided by an operator, not carried out yet (the sink does it in the "
+                        "list's turn)" if h.decision else "")
+                steps.append(Step(s, h.state, h.at, h.reason + note))
             else:
                 steps.append(Step(s, "pending", None, "not applied yet: the sink has not reached it"))
             continue

@@ -185,6 +185,38 @@ def test_the_removal_rails_holds_slot_in_held_waiting_released_discarded() -> No
     assert heapsync_ops.trace.held_states(lists, "archive") == {}
 
 
+def test_every_chunk_of_a_held_delta_is_held_with_it_and_follows_the_decision() -> None:
+    """The sink writes chunks 2..N of a held delta as "waiting" (the rail checks chunk 1); they are held with it,
+    not waiting behind another delta: shown held with the hold's reason, then released or discarded with it."""
+    reason = "would remove 9 of 10 members (more than 50%)"
+    first, second = (delta("s1", remove=("ann@x.com",)).model_copy(update={"chunk": n, "chunks": 2}) for n in (1, 2))
+    other = delta("s2", add=("ann@x.com",))  # another delta of the list, behind the hold
+    lists = [held_record(first, "held", 1, reason), held_record(second, "waiting", 2),
+             held_record(other, "waiting", 3)]
+    contact_in_chunk_2 = [rec(first.model_copy(update={"remove": ["bob@x.com"]}), 1), rec(second, 2), rec(other, 3)]
+
+    def steps(rail: list[Record], progress_records: list[Record]) -> list[tuple[str, str, str]]:
+        out = build("ann@x.com", "cordial", contact_in_chunk_2, progress_records, [], {},
+                    held=heapsync_ops.trace.held_states(rail, "cordial")).as_json()
+        return [(s["chunk"], s["outcome"], s["detail"]) for s in out["lists"][0]["steps"]]
+
+    assert steps(lists, []) == [("2/2", "held", reason), ("1/1", "waiting", "behind a held delta of this list")]
+    decision = rec({"schema_version": 1, "sink": "cordial", "delta_id": first.delta_id, "account": "acme",
+                    "list_name": "L", "action": "release"}, 4, topic="t.sink.lists",
+                   key=f"cordial|decision|{first.delta_id}".encode())
+    [(_, outcome, detail), _] = steps([*lists, decision], [])
+    assert outcome == "held" and detail.startswith(reason + "; release decided by an operator, not carried out yet")
+    tombstones = [Record("t.sink.lists", 0, 5 + n, 0, f"cordial|held|{d.chunk_key}".encode(), None)
+                  for n, d in enumerate((first, second))]
+    decided = [*lists, decision, *tombstones]
+    assert steps(decided, [progress(first), progress(second)])[0] == (
+        "2/2", "applied", f"held {T0.isoformat(timespec='seconds')} ({reason}), released")
+    discarded = [Record(r.topic, 0, 0, 0, r.key, orjson.dumps({**orjson.loads(r.value or b""), "discarded": True}))
+                 for r in (progress(first), progress(second))]
+    assert steps(decided, discarded)[0] == (
+        "2/2", "discarded", f"held ({reason}) and discarded by an operator: nothing sent")
+
+
 def test_dead_letters_of_other_contacts_are_left_out_and_a_whole_chunk_gives_no_response() -> None:
     d = delta("s1", add=("ann@x.com", "bob@x.com"))
     ref = {"delta_id": d.delta_id, "chunk": 1, "chunk_key": d.chunk_key, "account": "acme", "list_name": "L"}

@@ -1,6 +1,6 @@
 """`heapsync trace` with the removal rail (issue 14 §1 and §4) on the real chain: Tansu, the sink as a
 process, the Cordial simulator over HTTP, `heapsync held` and `heapsync trace` run as the CLI. A mass
-removal is held and a later sync waits behind it (both shown so), then released (applied, "released");
+removal in two chunks is held (both chunks shown held) and a later sync waits behind it, then released (applied, "released");
 a second hold is discarded (shown discarded, the contact still a member). Runs once the rail is there."""
 
 from __future__ import annotations
@@ -47,10 +47,12 @@ def test_trace_shows_held_waiting_released_and_discarded_changes(pipeline: Pipel
     produce(pipeline, make_delta("Seg", add=EVERYONE))
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == set(EVERYONE)), pipeline.logs()
 
-    mass = make_delta("Seg", remove=EVERYONE[:8])  # 8 of 10: held
+    mass = make_delta("Seg", remove=EVERYONE[:4], chunks=2)  # 8 of 10 in two chunks: held, both chunks
+    mass_2 = make_delta("Seg", remove=EVERYONE[4:8], delta_id=mass.delta_id, chunk=2, chunks=2)
     later = make_delta("Seg", add=["n0@example.com"])  # waits behind it
-    produce(pipeline, mass, later)
+    produce(pipeline, mass, mass_2, later)
     until(pipeline, "u0@example.com", [("add", "applied"), ("remove", "held")])
+    until(pipeline, "u5@example.com", [("add", "applied"), ("remove", "held")])  # chunk 2: held with its delta
     until(pipeline, "N0@example.com", [("add", "waiting")])
     [step] = [s for s in cli(pipeline, "trace", "u0@example.com")["lists"][0]["steps"] if s["outcome"] == "held"]
     assert step["detail"] == "would remove 8 of 10 members (more than 50%)" and step["at"]
@@ -61,6 +63,9 @@ def test_trace_shows_held_waiting_released_and_discarded_changes(pipeline: Pipel
     doc = cli(pipeline, "trace", "u0@example.com")
     assert doc["lists"][0]["member"] is False
     assert doc["lists"][0]["steps"][1]["detail"].endswith("(would remove 8 of 10 members (more than 50%)), released")
+    until(pipeline, "u5@example.com", [("add", "applied"), ("remove", "applied")])
+    assert cli(pipeline, "trace", "u5@example.com")["lists"][0]["steps"][1]["detail"].endswith(
+        "(would remove 8 of 10 members (more than 50%)), released")
 
     members = {*EVERYONE[8:], "n0@example.com"}
     assert wait_for(lambda: sim_members(pipeline, "acme", "Seg") == members), pipeline.logs()
