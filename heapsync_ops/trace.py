@@ -45,8 +45,10 @@ from heapsync.contracts import (
     HeldChunk,
     HoldDecision,
     RedriveMark,
+    SinkDeadLetter,
     decode_json,
     mark_key,
+    read_dead_letter,
     read_tolerant,
 )
 from heapsync.held import hold_id_of
@@ -235,13 +237,17 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
                     accounts: IdentityKeys | None = None) -> dict[str, list[DeadLetter]]:
     """``chunk_key`` -> the sink dead letters that concern the contact.
 
-    ``entries``: (entry id, record, parsed doc) of the sink dead-letter topic; ``marks``: the
-    re-drive marks by ``<topic>|<partition>|<offset>``. A Cordial response is kept (cut short)
-    only for the contact's own operation; a whole-chunk dead letter gives only its reason."""
+    ``entries``: (entry id, record, parsed doc) of the sink dead-letter topic, each read as a
+    :class:`SinkDeadLetter` (one whose fields do not read is listed by ``heapsync dlq list``, by its
+    reason, and names no contact here); ``marks``: the re-drive marks by ``<topic>|<partition>|<offset>``.
+    A Cordial response is kept (cut short) only for the contact's own operation; a whole-chunk dead
+    letter gives only its reason."""
     out: dict[str, list[DeadLetter]] = {}
     for entry_id, rec, doc in entries:
-        identity = doc.get("identity_key") if isinstance(doc.get("identity_key"), str) else None
-        whole = doc.get("delta") if isinstance(doc.get("delta"), dict) else None
+        letter = read_dead_letter("sink", doc)
+        if not isinstance(letter, SinkDeadLetter):
+            continue
+        whole = letter.delta
         named = True
         if whole is not None:
             ids = [*(whole.get("add") or []), *(whole.get("remove") or [])]
@@ -249,25 +255,28 @@ def dead_letters_of(entries: Iterable[tuple[str, Record, dict[str, Any]]], asked
             if not any(isinstance(i, str) and same_contact(asked, i, whole_identity) for i in ids):
                 continue
             chunk_key = _chunk_key(whole)
-        elif isinstance(doc.get("contact_id"), str):
-            if not same_contact(asked, doc["contact_id"], identity):
+        elif isinstance(letter.contact_id, str):
+            if not same_contact(asked, letter.contact_id, letter.identity_key):
                 continue
-            chunk_key = str(doc.get("chunk_key") or _chunk_key(doc))
-        elif doc.get("operation") == "import" and isinstance(doc.get("rejected"), int):
-            chunk_key, named = str(doc.get("chunk_key") or _chunk_key(doc)), False
+            chunk_key = letter.chunk_key or _letter_chunk_key(letter)
+        elif letter.operation == "import" and letter.rejected is not None:
+            chunk_key, named = letter.chunk_key or _letter_chunk_key(letter), False
         else:
             continue
         mark = marks.get(mark_key(rec.topic, rec.partition, rec.offset))
-        status = doc.get("status")
         out.setdefault(chunk_key, []).append(DeadLetter(
-            entry=entry_id, chunk_key=chunk_key, at=_when(None, rec.timestamp_ms), reason=str(doc.get("reason") or ""),
-            operation=doc.get("operation") if isinstance(doc.get("operation"), str) else None,
-            status=status if isinstance(status, int) and not isinstance(status, bool) else None,
-            response=_short(doc.get("response")) if whole is None and named else None, named=named,
+            entry=entry_id, chunk_key=chunk_key, at=_when(None, rec.timestamp_ms), reason=letter.reason,
+            operation=letter.operation, status=letter.status,
+            response=_short(letter.response) if whole is None and named else None, named=named,
             redrive=mark.outcome if mark is not None else None,
             replay_id=mark.replay_id if mark is not None and mark.replay_id else None,
         ))
     return out
+
+
+def _letter_chunk_key(letter: SinkDeadLetter) -> str:
+    """The chunk a dead letter that does not carry its ``chunk_key`` came from (early sinks wrote none)."""
+    return _chunk_key({"delta_id": letter.delta_id, "chunk": letter.chunk, "replay_id": letter.replay_id})
 
 
 @dataclass(frozen=True)

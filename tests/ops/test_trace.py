@@ -234,6 +234,34 @@ def test_dead_letters_of_other_contacts_are_left_out_and_a_whole_chunk_gives_no_
         ("sink:0:2", True, None, "r9"), ("sink:0:3", False, None, None)]
 
 
+def test_rail_and_dead_letter_records_read_through_their_models_as_the_sink_reads_them() -> None:
+    """The trace reads the lists topic and the sink's dead letters through ``HeldChunk``/``HoldDecision`` and
+    ``SinkDeadLetter``: a lists record the sink cannot read holds nothing (the sink ignores it, the trace says
+    pending, not held), and a dead letter without a reason says "unknown", as ``heapsync dlq list`` does."""
+    from heapsync.contracts import SinkDeadLetter
+    from heapsync.held import ListsState
+
+    d = delta("s1", remove=("ann@x.com",))
+    junk = rec({"role": "held", "reason": "not a HeldChunk"}, 1, topic="t.sink.lists",
+               key=f"cordial|held|{d.chunk_key}".encode())
+    state = ListsState("cordial")
+    state.feed((junk.key or b"").decode(), junk.value)
+    assert not state.is_pending(d.chunk_key)  # the sink holds nothing
+    held = heapsync_ops.trace.held_states([junk], "cordial")
+    [step] = build("ann@x.com", "cordial", [rec(d, 1)], [], [], {}, held=held).as_json()["lists"][0]["steps"]
+    assert step["outcome"] == "pending"
+
+    written = SinkDeadLetter(sink="cordial", delta_id=d.delta_id, chunk=1, chunk_key=d.chunk_key, account="acme",
+                             list_name="L", operation="remove", contact_id="Ann@x.com", identity_key="email",
+                             status=422, response={"error": "invalid"}, newer_field="kept")  # type: ignore[call-arg]
+    doc = orjson.loads(written.encode())
+    assert "reason" not in doc  # a writer that set none
+    entry = ("sink:0:4", rec(doc, 4, topic="t.sink.dlq"), doc)
+    [found] = dead_letters_of([entry], "ann@x.com", {})[d.chunk_key]
+    assert (found.reason, found.operation, found.status, found.response) == (
+        "unknown", "remove", 422, '{"error":"invalid"}')
+
+
 def test_a_bulk_rejection_that_names_no_rows_qualifies_the_applied_change() -> None:
     d = delta("s1", add=("ann@x.com",))
     dead = {d.chunk_key: [DeadLetter("sink:1:7", d.chunk_key, T0, "cordial import rejected rows", "import", None,
