@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import signal
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -59,6 +61,14 @@ from sinks.offsets import AppliedChunks, Entry, PartitionProgress, record_time
 from sinks.protocol import ChunkResult, DeadLetters, DeltaSink, send_retrying
 
 log = logging.getLogger("heapsync.sink")
+
+
+@dataclass
+class _ListLock:
+    """The rail's lock of one list and how many chunks hold or wait on it (dropped at 0)."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
 
 
 @dataclass
@@ -153,7 +163,7 @@ class SinkRunner:
         self._writer = uuid.uuid4().hex
         self._tail: ListsTail | None = None
         self._rail_sync: asyncio.Task[bool] | None = None
-        self._list_locks: dict[str, asyncio.Lock] = {}
+        self._list_locks: dict[str, _ListLock] = {}  # lists with a chunk in the rail's decision only
         self._resolving: set[str] = set()
         self._held_series: set[str] = set()
 
@@ -271,14 +281,27 @@ class SinkRunner:
 
     # -- the removal rail (heapsync/held.py) ------------------------------------------------
 
-    def _lock_for(self, delta: Delta) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _list_lock(self, delta: Delta) -> AsyncIterator[None]:
         """One rail decision at a time per list: chunks of one delta run together, and the second must
-        see the first one held."""
-        return self._list_locks.setdefault(lane_key(delta), asyncio.Lock())
+        see the first one held. The lock is dropped when no chunk holds or waits on it: a sink serving
+        many lists over months keeps locks only for the lists in a decision right now."""
+        lane = lane_key(delta)
+        entry = self._list_locks.get(lane)
+        if entry is None:
+            entry = self._list_locks[lane] = _ListLock()
+        entry.users += 1  # no await since the lookup: on the event loop, nobody dropped it in between
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._list_locks[lane]
 
     async def _hold_if_needed(self, item: _Item, delta: Delta) -> bool:
         """Hold the chunk (or put it behind the list's hold); False: apply it."""
-        async with self._lock_for(delta):
+        async with self._list_lock(delta):
             key = (delta.account, delta.list_name)
             if self.lists.pending.get(key):
                 await self._put_held(item, delta, "waiting")

@@ -154,3 +154,19 @@ async def test_a_drain_of_a_list_the_sink_never_counted_is_held() -> None:
     counted = make_delta("Counted", kind="drain")
     await r._process(item(counted))
     assert sink.applied == [counted.chunk_key]
+
+
+async def test_the_rails_per_list_locks_are_dropped_once_no_chunk_holds_or_waits_on_them() -> None:
+    """A sink serving many lists over months must not keep a lock per list it ever saw; two chunks of one
+    delta still decide one at a time (the second sees the first held and waits behind it)."""
+    r, sink = runner()
+    lists = [make_delta(f"L{n}", add=[f"a{n}@x.io"]) for n in range(500)]
+    await asyncio.gather(*(r._process(item(d)) for d in lists))
+    assert len(sink.applied) == 500
+    assert r._list_locks == {}
+    first = make_delta("Mass", remove=["a@x.io"], delta_id="m" * 32, chunks=2)  # an uncounted list: held
+    second = make_delta("Mass", remove=["b@x.io"], delta_id="m" * 32, chunk=2, chunks=2)
+    await asyncio.gather(r._process(item(first)), r._process(item(second)))
+    assert sink.applied[500:] == []
+    assert [(c.delta.chunk, c.role) for c in r.lists.queue(("acme", "Mass"))] == [(1, "held"), (2, "waiting")]
+    assert r._list_locks == {}
