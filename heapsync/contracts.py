@@ -832,3 +832,45 @@ class SyncMeta(_Tolerant):
     def table_value(self) -> dict[str, Any]:
         """The dict the ``syncs`` table holds."""
         return self.model_dump()
+
+
+# --------------------------------------------------------------------------
+# Done markers (the worker's ``done`` table, changelog ``<processor group>-done-changelog``)
+# --------------------------------------------------------------------------
+
+DONE_OUTCOMES = ("delta", "dead-letter", "disabled")
+"""What the assembler did with an emitted sync: a delta sent, a dead letter, or nothing (segment disabled)."""
+
+
+class DoneMarker(_Tolerant):
+    """What became of an emitted sync (key: its sync key, JSON-encoded by Faust), so a late page of it is
+    recognised; ``heapsync status`` counts the syncs skipped for a disabled segment from it.
+
+    The assembler writes it as a plain dict once per sync (its keys are these fields); the first workers
+    wrote ``true`` (no details), read as a marker with nothing set.
+    """
+
+    at: float | None = Field(None, description="Epoch seconds the sync was emitted.")
+    complete: bool = True
+    digests: list[str | None] = Field(default_factory=list, description="Per page (1-based), its content "
+                                      "digest; None for a page that never arrived.")
+    outcome: str | None = Field(None, description="One of DONE_OUTCOMES; markers from before it name none.")
+    segment_id: str | None = Field(None, description="Set with outcome 'disabled'.")
+
+    @field_validator("segment_id", mode="before")
+    @classmethod
+    def _segment_id_as_string(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def read_done_marker(value: bytes | None) -> DoneMarker | None:
+    """A done marker; None for a tombstone (pruned after the pages' retention) or a record that does not read."""
+    if value is None:
+        return None
+    try:
+        if orjson.loads(value) is True:
+            return DoneMarker()  # the first workers' marker
+    except orjson.JSONDecodeError:
+        return None
+    doc = decode_json(value)
+    return None if doc is None else read_tolerant(DoneMarker, doc)

@@ -10,7 +10,7 @@
 
 The summaries are pure functions over plain records (tested directly); only
 :func:`gather` talks to Kafka. Records are read through their contract models
-(``heapsync/contracts.py``: :class:`SyncMeta`, :class:`AppliedChunk`), which also
+(``heapsync/contracts.py``: :class:`SyncMeta`, :class:`AppliedChunk`, :class:`DoneMarker`), which also
 read what older workers wrote (``received`` as a list of page numbers).
 """
 
@@ -24,7 +24,14 @@ from typing import Any
 
 import orjson
 
-from heapsync.contracts import AppliedChunk, SyncMeta, decode_json, read_tolerant
+from heapsync.contracts import (
+    AppliedChunk,
+    SyncMeta,
+    account_of_sync_key,
+    decode_json,
+    read_done_marker,
+    read_tolerant,
+)
 from heapsync.kafka import client_config
 from heapsync.lag import LagUnknown, committed_offsets, partition_lag
 from heapsync.settings import Account, Settings, disabled_segments
@@ -110,19 +117,18 @@ def done_changelog(processor_group: str) -> str:
 
 def disabled_with_skips(disabled: list[dict[str, Any]], latest_done: dict[bytes, Record]) -> list[dict[str, Any]]:
     """Each segment the accounts file turns off, with the syncs the assembler skipped for it (outcome "disabled"
-    in its done markers, within the pages topic's retention) and when the last one was."""
+    in its done markers, :class:`DoneMarker`, within the pages topic's retention) and when the last one was."""
     skipped: dict[tuple[str, str], list[float]] = {}
     for key, rec in latest_done.items():
+        done = read_done_marker(rec.value)
         try:
-            done = orjson.loads(rec.value or b"null")
             name = orjson.loads(key)
         except orjson.JSONDecodeError:
             continue
-        if not isinstance(done, dict) or done.get("outcome") != "disabled" or not isinstance(name, str):
+        if done is None or done.outcome != "disabled" or not isinstance(name, str):
             continue
-        at = done.get("at")
-        skipped.setdefault((name.split("|", 1)[0], str(done.get("segment_id"))), []).append(
-            float(at) if isinstance(at, (int, float)) else rec.timestamp_ms / 1000)
+        at = done.at if done.at is not None else rec.timestamp_ms / 1000
+        skipped.setdefault((account_of_sync_key(name) or name, str(done.segment_id)), []).append(at)
     out = []
     for seg in disabled:
         times = skipped.get((str(seg["account"]), str(seg["segment_id"])), [])

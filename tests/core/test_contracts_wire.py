@@ -19,6 +19,7 @@ from heapsync.contracts import (
     AssemblerDeadLetter,
     DeadLetterHead,
     Delta,
+    DoneMarker,
     HeldPage,
     RedriveMark,
     RejectedRecord,
@@ -32,6 +33,7 @@ from heapsync.contracts import (
     pages_key,
     progress_key,
     read_dead_letter,
+    read_done_marker,
     read_mark,
     rejected_key,
     sync_key,
@@ -288,3 +290,37 @@ def test_the_assembler_writes_the_sync_metadata_it_always_wrote() -> None:
     old: dict[str, Any] = orjson.loads(OLD_SYNC_META)
     written = SyncMeta(**{k: v for k, v in old.items()}).table_value()
     assert written == old and list(written) == list(old)
+
+
+# -- done markers (the done table's changelog) -------------------------------------------
+
+EARLIEST_DONE = b"true"  # the first workers: done, nothing more
+OLD_DONE = b'{"at":100.0,"complete":false,"digests":["0a1b2c3d4e5f6071",null],"outcome":"dead-letter"}'
+DISABLED_DONE = b'{"at":200.0,"complete":true,"digests":["0a1b2c3d4e5f6071"],"outcome":"disabled","segment_id":"1"}'
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (EARLIEST_DONE, (None, None, True, [], None)),
+    (OLD_DONE, (100.0, "dead-letter", False, ["0a1b2c3d4e5f6071", None], None)),
+    (DISABLED_DONE, (200.0, "disabled", True, ["0a1b2c3d4e5f6071"], "1")),
+])
+def test_done_markers_of_every_worker_version_read(raw: bytes, expected: tuple[Any, ...]) -> None:
+    done = read_done_marker(raw)
+    assert done is not None
+    assert (done.at, done.outcome, done.complete, done.digests, done.segment_id) == expected
+    assert read_done_marker(None) is None and read_done_marker(b"not json") is None
+
+
+def test_the_assembler_writes_done_markers_the_model_reads() -> None:
+    from processors import rules
+    from tests.core.test_segment_settings import accounts
+    from tests.processors.test_segments import feed, new_assembler, page
+
+    asm = new_assembler(accounts('[accounts.acme.segments."1"]\nenabled = false\n'))
+    feed(asm, page("s1", 1, 1, ["a@x.com"]), now=300.0)
+    feed(asm, page("s2", 1, 1, ["b@x.com"], segment="2"), now=400.0)
+    written = {k: orjson.dumps(v) for k, v in asm.done.items()}  # as Faust's json codec writes them
+    disabled = DoneMarker.model_validate_json(written[rules.sync_key("acme", "sync", "s1", None)])
+    sent = read_done_marker(written[rules.sync_key("acme", "sync", "s2", None)])
+    assert (disabled.outcome, disabled.segment_id, disabled.at, len(disabled.digests)) == ("disabled", "1", 300.0, 1)
+    assert sent is not None and (sent.outcome, sent.complete, sent.model_extra) == ("delta", True, {})
