@@ -23,6 +23,7 @@ from typing import Any
 
 from prometheus_client import Gauge
 
+from heapsync.contracts import is_tick
 from heapsync.kafka import client_config
 
 LAG_INTERVAL_SECONDS = 30.0
@@ -41,10 +42,39 @@ class Row:
     lag: int
 
 
-def partition_lag(high: int, done_up_to: int | None, low: int = 0) -> int:
-    """Records still to finish: ``high`` minus the first offset not yet done (``low`` when nothing is known)."""
+def partition_lag(high: int, done_up_to: int | None, low: int = 0, newest_is_tick: bool = False) -> int:
+    """Records still to finish: ``high`` minus the first offset not yet done (``low`` when nothing is known).
+
+    ``newest_is_tick``: the partition's newest record is the worker's own timer tick (pages topic). It is
+    not counted: the leader sends one into every pages partition every 30 s and the group commits it
+    up to Faust's commit interval (2.8 s) later, so an idle, healthy assembler read right after a tick
+    showed lag 1 everywhere (and the worker's gauge, sampled on the same 30 s timer just after the
+    tick, never went back to 0). Older ticks still count: a stuck worker's ticks pile up.
+    """
     start = low if done_up_to is None or done_up_to < 0 else max(done_up_to, low)
-    return max(0, high - start)
+    lag = max(0, high - start)
+    return lag - 1 if newest_is_tick and lag > 0 else lag
+
+
+def newest_is_tick(consumer: Any, topic: str, partition: int, high: int, timeout: float = 5.0) -> bool:
+    """Whether the record just below ``high`` is a timer tick, read with ``consumer`` by assignment (no
+    group join, nothing committed). False when it cannot be read in ``timeout`` (it then counts)."""
+    from confluent_kafka import TopicPartition
+
+    if high <= 0:
+        return False
+    consumer.assign([TopicPartition(topic, partition, high - 1)])
+    try:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = consumer.poll(min(left, 1.0))
+            if msg is None or msg.error() is not None:
+                continue
+            # a later offset: the one below ``high`` holds no readable record (e.g. a transaction marker)
+            return msg.offset() == high - 1 and is_tick(msg.value() or b"")
+        return False
+    finally:
+        consumer.unassign()
 
 
 def publish(rows: Iterable[Row], previous: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
@@ -118,7 +148,8 @@ class LagProbe:
         self.timeout = timeout
         self._probe: Any = None
 
-    def rows(self, group: str, topic: str) -> list[Row]:
+    def rows(self, group: str, topic: str, ticks: bool = False) -> list[Row]:
+        """``ticks``: ``topic`` carries the worker's timer ticks (pages): a newest tick is not lag."""
         from confluent_kafka import Consumer, TopicPartition
 
 
@@ -138,7 +169,9 @@ class LagProbe:
         rows = []
         for tp in tps:
             low, high = self._probe.get_watermark_offsets(tp, timeout=self.timeout)
-            rows.append(Row(group, topic, tp.partition, partition_lag(high, committed.get(tp.partition), low)))
+            done = committed.get(tp.partition)
+            tick = ticks and partition_lag(high, done, low) > 0 and newest_is_tick(self._probe, topic, tp.partition, high)
+            rows.append(Row(group, topic, tp.partition, partition_lag(high, done, low, tick)))
         return rows
 
     def close(self) -> None:

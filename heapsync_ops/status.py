@@ -33,7 +33,7 @@ from heapsync.contracts import (
     read_tolerant,
 )
 from heapsync.kafka import client_config
-from heapsync.lag import LagUnknown, committed_offsets, partition_lag
+from heapsync.lag import LagUnknown, committed_offsets, newest_is_tick, partition_lag
 from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
@@ -50,9 +50,10 @@ class PartitionLag:
     lag: int
 
 
-def lag_of(committed: int | None, low: int, high: int) -> int:
-    """Records the group still has to read; with nothing committed it starts at the earliest record."""
-    return partition_lag(high, committed, low)
+def lag_of(committed: int | None, low: int, high: int, newest_is_tick: bool = False) -> int:
+    """Records the group still has to read; with nothing committed it starts at the earliest record.
+    A newest record that is the worker's timer tick is not counted (:func:`heapsync.lag.partition_lag`)."""
+    return partition_lag(high, committed, low, newest_is_tick)
 
 
 def syncs_changelog(processor_group: str) -> str:
@@ -177,7 +178,9 @@ def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[Partition
                 low, high = probe.get_watermark_offsets(tp, timeout=timeout)
                 c = committed.get(tp.partition)
                 c = None if c is None or c < 0 else c
-                rows.append(PartitionLag(group, topic, tp.partition, c, high, lag_of(c, low, high)))
+                tick = (topic == settings.topics.pages and lag_of(c, low, high) > 0
+                        and newest_is_tick(probe, topic, tp.partition, high))
+                rows.append(PartitionLag(group, topic, tp.partition, c, high, lag_of(c, low, high, tick)))
     finally:
         probe.close()
     return rows, unknown

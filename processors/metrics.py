@@ -87,7 +87,7 @@ class LagReporter:
         rows: list[lag.Row] = []
         if is_leader:
             try:
-                rows = await asyncio.get_running_loop().run_in_executor(None, self.probe.rows, self.group, self.topic)
+                rows = await asyncio.get_running_loop().run_in_executor(None, self.probe.rows, self.group, self.topic, True)
             except Exception as exc:  # noqa: BLE001 - a metric must never stop the worker
                 log.warning("consumer lag not measured", extra={"error": str(exc)[:200]})
                 return

@@ -188,6 +188,7 @@ def test_lag_counts_from_the_earliest_record_when_nothing_is_committed() -> None
     assert status.lag_of(10, 5, 12) == 2
     assert status.lag_of(15, 5, 12) == 0  # a broker that under-reports its end never gives negative lag
     assert status.lag_of(2, 5, 12) == 7  # committed offset already deleted by retention
+    assert status.lag_of(11, 5, 12, newest_is_tick=True) == 0  # only the worker's newest tick is left
 
 
 def test_open_syncs_read_the_changelog_with_tombstones_and_either_received_shape() -> None:
