@@ -143,10 +143,16 @@ def wait_until_led(admin: AdminClient, names: list[str], timeout: float) -> None
     pending = set(names)
     deadline = time.monotonic() + timeout
     while pending:
-        md = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
-        pending = {n for n in pending if not led(md.topics.get(n))}
-        if not pending or time.monotonic() >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             break
-        time.sleep(0.2)
+        try:
+            md = admin.list_topics(timeout=left)
+        except KafkaException as exc:  # a metadata hiccup: the topics exist, keep asking until the deadline
+            log.info("metadata not readable while waiting for new topics: %s", exc)
+        else:
+            pending = {n for n in pending if not led(md.topics.get(n))}
+        if pending:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
     if pending:
         log.warning("created topics not yet led after %.0f s: %s", timeout, sorted(pending))
