@@ -49,7 +49,8 @@ def partition_lag(high: int, done_up_to: int | None, low: int = 0, newest_is_tic
     not counted: the leader sends one into every pages partition every 30 s and the group commits it
     up to Faust's commit interval (2.8 s) later, so an idle, healthy assembler read right after a tick
     showed lag 1 everywhere (and the worker's gauge, sampled on the same 30 s timer just after the
-    tick, never went back to 0). Older ticks still count: a stuck worker's ticks pile up.
+    tick, never went back to 0). Older ticks still count: the leader's timer keeps sending them, so a
+    stuck agent's partition grows by a tick every 30 s (with every worker stopped, none are sent).
     """
     start = low if done_up_to is None or done_up_to < 0 else max(done_up_to, low)
     lag = max(0, high - start)
