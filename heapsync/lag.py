@@ -89,6 +89,19 @@ def newest_ticks(consumer: Any, topic: str, highs: Mapping[int, int], timeout: f
         consumer.unassign()
 
 
+def topic_lag(consumer: Any, topic: str, partitions: Iterable[int], committed: Mapping[int, int | None],
+              ticks: bool, timeout: float) -> dict[int, tuple[int, int]]:
+    """Per partition: (end offset, lag), as both ``heapsync status`` and the gauge count it. ``ticks``: the
+    topic carries the worker's timer ticks (pages), so a newest tick is not lag (:func:`partition_lag`).
+    Blocking: one watermark query per partition, then one read of the lagging ones' newest records."""
+    from confluent_kafka import TopicPartition
+
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in partitions}
+    lagging = {p: high for p, (low, high) in ends.items() if partition_lag(high, committed.get(p), low) > 0}
+    tick = newest_ticks(consumer, topic, lagging, timeout) if ticks else set()
+    return {p: (high, partition_lag(high, committed.get(p), low, p in tick)) for p, (low, high) in ends.items()}
+
+
 def publish(rows: Iterable[Row], previous: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
     """Set the gauge for ``rows``; drop the series reported last time and not now (a partition given up)."""
     now: set[tuple[str, str, str]] = set()
@@ -177,11 +190,8 @@ class LagProbe:
             committed = committed_offsets(self.bootstrap, group, tps, self.timeout)
         except LagUnknown:
             committed = {}
-        ends = {tp.partition: self._probe.get_watermark_offsets(tp, timeout=self.timeout) for tp in tps}
-        lagging = {p: high for p, (low, high) in ends.items() if partition_lag(high, committed.get(p), low) > 0}
-        tick = newest_ticks(self._probe, topic, lagging, self.timeout) if ticks else set()
-        return [Row(group, topic, p, partition_lag(high, committed.get(p), low, p in tick))
-                for p, (low, high) in ends.items()]
+        lags = topic_lag(self._probe, topic, [tp.partition for tp in tps], committed, ticks, self.timeout)
+        return [Row(group, topic, p, n) for p, (_, n) in lags.items()]
 
     def close(self) -> None:
         if self._probe is not None:

@@ -33,7 +33,7 @@ from heapsync.contracts import (
     read_tolerant,
 )
 from heapsync.kafka import client_config
-from heapsync.lag import LagUnknown, committed_offsets, newest_ticks, partition_lag
+from heapsync.lag import LagUnknown, committed_offsets, partition_lag, topic_lag
 from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
@@ -174,13 +174,11 @@ def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[Partition
                 continue
             if group not in required and not any(c is not None and c >= 0 for c in committed.values()):
                 continue  # an optional consumer (e.g. the archive sink) that has never run here
-            ends = {tp.partition: probe.get_watermark_offsets(tp, timeout=timeout) for tp in tps}
-            lagging = {p: high for p, (low, high) in ends.items() if lag_of(committed.get(p), low, high) > 0}
-            tick = newest_ticks(probe, topic, lagging, timeout) if topic == settings.topics.pages else set()
-            for p, (low, high) in ends.items():
+            lags = topic_lag(probe, topic, [tp.partition for tp in tps], committed, topic == settings.topics.pages,
+                             timeout)
+            for p, (end, n) in lags.items():
                 c = committed.get(p)
-                c = None if c is None or c < 0 else c
-                rows.append(PartitionLag(group, topic, p, c, high, lag_of(c, low, high, p in tick)))
+                rows.append(PartitionLag(group, topic, p, None if c is None or c < 0 else c, end, n))
     finally:
         probe.close()
     return rows, unknown
