@@ -1,4 +1,5 @@
-"""The assembler's counters reach Prometheus once each, however often the exporter runs; its lag gauge\ndoes not count the worker's newest timer tick."""
+"""The assembler's counters reach Prometheus once each, however often the exporter runs; its lag gauge
+does not count the worker's newest timer tick."""
 
 from __future__ import annotations
 
