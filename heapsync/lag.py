@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,32 +49,57 @@ def partition_lag(high: int, done_up_to: int | None, low: int = 0, newest_is_tic
     not counted: the leader sends one into every pages partition every 30 s and the group commits it
     up to Faust's commit interval (2.8 s) later, so an idle, healthy assembler read right after a tick
     showed lag 1 everywhere (and the worker's gauge, sampled on the same 30 s timer just after the
-    tick, never went back to 0). Older ticks still count: a stuck worker's ticks pile up.
+    tick, never went back to 0). Older ticks still count: the leader's timer keeps sending them, so a
+    stuck agent's partition grows by a tick every 30 s (with every worker stopped, none are sent).
     """
     start = low if done_up_to is None or done_up_to < 0 else max(done_up_to, low)
     lag = max(0, high - start)
     return lag - 1 if newest_is_tick and lag > 0 else lag
 
 
-def newest_is_tick(consumer: Any, topic: str, partition: int, high: int, timeout: float = 5.0) -> bool:
-    """Whether the record just below ``high`` is a timer tick, read with ``consumer`` by assignment (no
-    group join, nothing committed). False when it cannot be read in ``timeout`` (it then counts)."""
-    from confluent_kafka import TopicPartition
+def newest_ticks(consumer: Any, topic: str, highs: Mapping[int, int], timeout: float) -> set[int]:
+    """The partitions of ``highs`` (partition -> high watermark) whose record just below the high watermark
+    is a timer tick. All are read with ``consumer`` at once, by assignment (no group join, nothing
+    committed), within the caller's ``timeout``; a partition not answered by then is not a tick (its
+    newest record counts). The consumer should have ``enable.partition.eof``: a partition whose last
+    offset holds no readable record (e.g. a transaction marker) is then answered at once, not waited out."""
+    from confluent_kafka import KafkaError, TopicPartition
 
-    if high <= 0:
-        return False
-    consumer.assign([TopicPartition(topic, partition, high - 1)])
+    wanted = {partition: high for partition, high in highs.items() if high > 0}
+    if not wanted:
+        return set()
+    consumer.assign([TopicPartition(topic, partition, high - 1) for partition, high in wanted.items()])
+    ticks: set[int] = set()
     try:
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            msg = consumer.poll(min(left, 1.0))
-            if msg is None or msg.error() is not None:
-                continue
-            # a later offset: the one below ``high`` holds no readable record (e.g. a transaction marker)
-            return msg.offset() == high - 1 and is_tick(msg.value() or b"")
-        return False
+        while wanted and (left := deadline - time.monotonic()) > 0:
+            for msg in consumer.consume(500, min(left, 1.0)):
+                partition = msg.partition()
+                if partition not in wanted:
+                    continue
+                if (error := msg.error()) is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        del wanted[partition]
+                    continue
+                # a later offset: the one below ``high`` holds no readable record (e.g. a transaction marker)
+                if msg.offset() == wanted.pop(partition) - 1 and is_tick(msg.value() or b""):
+                    ticks.add(partition)
+        return ticks
     finally:
         consumer.unassign()
+
+
+def topic_lag(consumer: Any, topic: str, partitions: Iterable[int], committed: Mapping[int, int | None],
+              ticks: bool, timeout: float) -> dict[int, tuple[int, int]]:
+    """Per partition: (end offset, lag), as both ``heapsync status`` and the gauge count it. ``ticks``: the
+    topic carries the worker's timer ticks (pages), so a newest tick is not lag (:func:`partition_lag`).
+    Blocking: one watermark query per partition, then one read of the lagging ones' newest records."""
+    from confluent_kafka import TopicPartition
+
+    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout) for p in partitions}
+    lagging = {p: high for p, (low, high) in ends.items() if partition_lag(high, committed.get(p), low) > 0}
+    tick = newest_ticks(consumer, topic, lagging, timeout) if ticks else set()
+    return {p: (high, partition_lag(high, committed.get(p), low, p in tick)) for p, (low, high) in ends.items()}
 
 
 def publish(rows: Iterable[Row], previous: set[tuple[str, str, str]]) -> set[tuple[str, str, str]]:
@@ -152,10 +177,9 @@ class LagProbe:
         """``ticks``: ``topic`` carries the worker's timer ticks (pages): a newest tick is not lag."""
         from confluent_kafka import Consumer, TopicPartition
 
-
         if self._probe is None:
             self._probe = Consumer({**client_config(self.bootstrap), "group.id": "heapsync-lag-probe",
-                                    "enable.auto.commit": False})
+                                    "enable.auto.commit": False, "enable.partition.eof": True})
         meta = self._probe.list_topics(topic, timeout=self.timeout).topics.get(topic)
         if meta is None or meta.error is not None:
             return []
@@ -166,13 +190,8 @@ class LagProbe:
             committed = committed_offsets(self.bootstrap, group, tps, self.timeout)
         except LagUnknown:
             committed = {}
-        rows = []
-        for tp in tps:
-            low, high = self._probe.get_watermark_offsets(tp, timeout=self.timeout)
-            done = committed.get(tp.partition)
-            tick = ticks and partition_lag(high, done, low) > 0 and newest_is_tick(self._probe, topic, tp.partition, high)
-            rows.append(Row(group, topic, tp.partition, partition_lag(high, done, low, tick)))
-        return rows
+        lags = topic_lag(self._probe, topic, [tp.partition for tp in tps], committed, ticks, self.timeout)
+        return [Row(group, topic, p, n) for p, (_, n) in lags.items()]
 
     def close(self) -> None:
         if self._probe is not None:

@@ -33,7 +33,7 @@ from heapsync.contracts import (
     read_tolerant,
 )
 from heapsync.kafka import client_config
-from heapsync.lag import LagUnknown, committed_offsets, newest_is_tick, partition_lag
+from heapsync.lag import LagUnknown, committed_offsets, partition_lag, topic_lag
 from heapsync.settings import Account, Settings, disabled_segments
 from heapsync.topic_reader import Record, latest_by_key, read_topic
 
@@ -155,7 +155,7 @@ def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[Partition
     from confluent_kafka import Consumer, TopicPartition
 
     probe = Consumer({**client_config(settings.kafka_bootstrap), "group.id": "heapsync-status-probe",
-                      "enable.auto.commit": False})
+                      "enable.auto.commit": False, "enable.partition.eof": True})
     rows: list[PartitionLag] = []
     unknown: dict[str, str] = {}
     required = {settings.processor_group, settings.sink_group}
@@ -174,13 +174,11 @@ def group_lag(settings: Settings, timeout: float = 30.0) -> tuple[list[Partition
                 continue
             if group not in required and not any(c is not None and c >= 0 for c in committed.values()):
                 continue  # an optional consumer (e.g. the archive sink) that has never run here
-            for tp in tps:
-                low, high = probe.get_watermark_offsets(tp, timeout=timeout)
-                c = committed.get(tp.partition)
-                c = None if c is None or c < 0 else c
-                tick = (topic == settings.topics.pages and lag_of(c, low, high) > 0
-                        and newest_is_tick(probe, topic, tp.partition, high))
-                rows.append(PartitionLag(group, topic, tp.partition, c, high, lag_of(c, low, high, tick)))
+            lags = topic_lag(probe, topic, [tp.partition for tp in tps], committed, topic == settings.topics.pages,
+                             timeout)
+            for p, (end, n) in lags.items():
+                c = committed.get(p)
+                rows.append(PartitionLag(group, topic, p, None if c is None or c < 0 else c, end, n))
     finally:
         probe.close()
     return rows, unknown

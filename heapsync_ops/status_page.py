@@ -123,7 +123,8 @@ class StatusBoard:
         view.chunks = max(view.chunks, chunk.chunks or 1)
         view.complete = chunk.complete
         view.dead_lettered = max(view.dead_lettered, chunk.dead_lettered)
-        view.last_at = chunk.model_dump(mode="json")["applied_at"]
+        if not chunk.discarded:  # "last applied": when the discard was recorded is not when anything was sent
+            view.last_at = chunk.model_dump(mode="json")["applied_at"]
 
     def on_dead_letter(self, source: str, letter: AnyDeadLetter, timestamp_ms: int) -> None:
         """One record from a dead-letter topic (rejected, assembler or sink)."""
@@ -204,19 +205,19 @@ def render_html(snap: dict[str, Any], *, started: bool = True, reader_failures: 
             progress = ", ".join([f"{e(sink)} {n}/{s['chunks']}" for sink, n in s["applied"].items()]
                                  + [f"{e(sink)} discarded" for sink in discarded]) or "-"
             done = all(n >= s["chunks"] for n in s["applied"].values()) and bool(s["applied"])
-            state = "ok" if done and s["complete"] and not s["dead_lettered"] else (
+            state = "ok" if done and s["complete"] and not s["dead_lettered"] and not discarded else (
                 "bad" if s["dead_lettered"] else "warn")
             label = s["sync_task_id"] or s["delta_id"][:12]
             if s["replay_id"]:
                 label += f" (replay {s['replay_id']})"
             if not s["complete"]:
                 label += " (partial)"
-            if discarded:
-                label += " (held and discarded by an operator: nothing sent)"
+            for sink in discarded:  # per sink: another sink (e.g. the archive) may have applied it
+                label += f" ({sink}: held and discarded by an operator, nothing sent)"
             parts.append(
                 f"<tr class='{state}'><td>{e(str(label))}</td><td>{e(s['kind'])}</td><td>{progress}</td>"
                 f"<td>{s['adds']}</td><td>{s['removes']}</td><td>{s['dead_lettered']}</td>"
-                f"<td>{e(s['last_at'])}</td></tr>")
+                f"<td>{e(s['last_at'] or '-')}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Failures</h2>")
     if not snap["failures"]:

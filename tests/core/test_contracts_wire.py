@@ -311,6 +311,17 @@ def test_done_markers_of_every_worker_version_read(raw: bytes, expected: tuple[A
     assert read_done_marker(None) is None and read_done_marker(b"not json") is None
 
 
+@pytest.mark.parametrize("digests", ['{"1":"0a1b"}', "[1,2]", '"0a1b"'])
+def test_a_done_marker_with_digests_of_another_shape_still_reads(digests: str) -> None:
+    """Status reads only outcome, segment_id and at: a future shape of the digests must not make it stop
+    counting a disabled segment's skipped syncs."""
+    raw = b'{"at":200.0,"digests":%s,"outcome":"disabled","segment_id":"1"}' % digests.encode()
+    done = read_done_marker(raw)
+    assert done is not None and (done.outcome, done.segment_id, done.at, done.digests) == ("disabled", "1", 200.0, [])
+    assert read_done_marker(b'{"outcome":"disabled","segment_id":[1]}') is None  # what status reads must read
+    assert read_done_marker(b"[1]") is None and read_done_marker(b"false") is None
+
+
 def test_the_assembler_writes_done_markers_the_model_reads() -> None:
     from processors import rules
     from tests.core.test_segment_settings import accounts

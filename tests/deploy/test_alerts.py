@@ -186,6 +186,13 @@ def test_partition_lag_counts_from_the_first_offset_not_done() -> None:
     assert lag.partition_lag(100, -1001, low=10) == 90
     assert lag.partition_lag(100, 5, low=10) == 90  # committed offset below the retention
     assert lag.partition_lag(100, 120) == 0
+    progress = PartitionProgress("t", 0)
+    assert progress.done_up_to() is None
+    entries = [progress.track(o) for o in (10, 11, 12)]
+    entries[0].done = entries[2].done = True
+    assert progress.done_up_to() == 11  # 12 is done but 11 is not: lag counts 11 and 12
+    entries[1].done = True
+    assert progress.done_up_to() == 13
 
 
 def test_the_workers_newest_tick_is_not_lag_but_older_ticks_are() -> None:
@@ -195,13 +202,6 @@ def test_the_workers_newest_tick_is_not_lag_but_older_ticks_are() -> None:
     assert lag.partition_lag(5, 3, newest_is_tick=True) == 1  # an older record (a page or a tick) still counts
     assert lag.partition_lag(5, 5, newest_is_tick=True) == 0  # never negative
     assert lag.partition_lag(5, 4) == 1
-    progress = PartitionProgress("t", 0)
-    assert progress.done_up_to() is None
-    entries = [progress.track(o) for o in (10, 11, 12)]
-    entries[0].done = entries[2].done = True
-    assert progress.done_up_to() == 11  # 12 is done but 11 is not: lag counts 11 and 12
-    entries[1].done = True
-    assert progress.done_up_to() == 13
 
 
 def test_lag_series_of_partitions_given_up_disappear() -> None:

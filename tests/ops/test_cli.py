@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Producer
@@ -23,6 +24,26 @@ pytestmark = pytest.mark.integration
 def run(pipeline: Pipeline, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "heapsync_ops.cli", *args], env=pipeline.env(**env),
                           capture_output=True, text=True, timeout=120)
+
+
+def commit_as(pipeline: Pipeline, group: str, offsets: list[Any]) -> None:
+    """Commit ``offsets`` (TopicPartitions) for ``group``, as its consumers would, retrying while a fresh
+    broker's group coordinator is still loading."""
+    from confluent_kafka import Consumer, KafkaException
+
+    committer = Consumer({"bootstrap.servers": pipeline.broker.bootstrap, "group.id": group,
+                          "enable.auto.commit": False})
+    try:
+        for attempt in range(60):
+            try:
+                committer.commit(offsets=offsets, asynchronous=False)
+                return
+            except KafkaException:
+                if attempt == 59:
+                    raise
+                time.sleep(0.5)
+    finally:
+        committer.close()
 
 
 def test_topics_are_created_with_explicit_settings_and_drift_is_flagged(pipeline: Pipeline) -> None:
@@ -121,7 +142,7 @@ def test_dlq_list_and_show_for_an_operator(pipeline: Pipeline) -> None:
 
 def test_status_lag_is_exact_per_partition(pipeline: Pipeline) -> None:
     """Known records and commits give known lag: committed, end and lag per group and partition."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import TopicPartition
 
     if pipeline.broker.kind == "tansu":
         pytest.skip("Tansu reports a partition's end as the first offset of its last batch: lag is approximate there")
@@ -135,20 +156,8 @@ def test_status_lag_is_exact_per_partition(pipeline: Pipeline) -> None:
     for _ in range(4):
         producer.produce(deltas, b"{}", partition=2)
     assert producer.flush(30) == 0
-    for group, tp in ((assembler, TopicPartition(pages, 0, 2)), (sink, TopicPartition(deltas, 2, 4))):
-        committer = Consumer({"bootstrap.servers": pipeline.broker.bootstrap, "group.id": group,
-                              "enable.auto.commit": False})
-        try:
-            for attempt in range(60):  # a fresh broker's group coordinator may still be loading
-                try:
-                    committer.commit(offsets=[tp], asynchronous=False)
-                    break
-                except KafkaException:
-                    if attempt == 59:
-                        raise
-                    time.sleep(0.5)
-        finally:
-            committer.close()
+    commit_as(pipeline, assembler, [TopicPartition(pages, 0, 2)])
+    commit_as(pipeline, sink, [TopicPartition(deltas, 2, 4)])
 
     res = run(pipeline, "status", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -167,7 +176,7 @@ def test_status_does_not_count_the_workers_newest_tick_as_lag(pipeline: Pipeline
     """A sync fully applied, then the leader's timer tick lands: the assembler is not behind, even
     before the group commits the tick (up to Faust's 2.8 s commit interval; `make run` showed lag 1
     on every pages partition). Ticks behind it, or a page after it, still count."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import TopicPartition
 
     from heapsync.contracts import TICK
     from heapsync.lag import LagProbe
@@ -181,20 +190,7 @@ def test_status_does_not_count_the_workers_newest_tick_as_lag(pipeline: Pipeline
         for value in records:
             producer.produce(pages, value, partition=partition)
             assert producer.flush(30) == 0
-    committer = Consumer({"bootstrap.servers": pipeline.broker.bootstrap, "group.id": assembler,
-                          "enable.auto.commit": False})
-    try:
-        for attempt in range(60):  # a fresh broker's group coordinator may still be loading
-            try:
-                committer.commit(offsets=[TopicPartition(pages, p, c) for p, (_, c, _) in layout.items()],
-                                 asynchronous=False)
-                break
-            except KafkaException:
-                if attempt == 59:
-                    raise
-                time.sleep(0.5)
-    finally:
-        committer.close()
+    commit_as(pipeline, assembler, [TopicPartition(pages, p, c) for p, (_, c, _) in layout.items()])
 
     res = run(pipeline, "status", "--json")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -89,8 +89,26 @@ def test_a_discarded_delta_says_discarded_not_applied_with_zero_changes() -> Non
     assert (d1["applied"], d1["discarded"]) == ({"cordial": 1}, {})
     page = render_html(snap)
     [row] = [r for r in page.split("<tr") if "task-d9" in r]
-    assert "cordial discarded" in row and "discarded by an operator: nothing sent" in row
+    assert "cordial discarded" in row and "cordial: held and discarded by an operator, nothing sent" in row
     assert "cordial 2/2" not in row and "class='warn'" in row
+    assert (d9["last_at"], row.split("<td>")[-1]) == ("", "-</td></tr>")  # never applied: no "last applied" time
+
+
+def test_a_delta_discarded_on_one_sink_and_applied_on_another_names_the_sink_that_sent_nothing() -> None:
+    """The archive applied the delta, Cordial's operator discarded it: the row says which sink sent nothing,
+    is not green, and "last applied" is the archive's time, not when the discard was recorded."""
+    board = StatusBoard()
+    sent, discarded = datetime(2026, 12, 1, 9, 0, tzinfo=timezone.utc), datetime(2026, 12, 1, 17, 0, tzinfo=timezone.utc)
+    board.on_applied(applied("d9", 1, 1, sink="archive").model_copy(update={"applied_at": sent}))
+    board.on_applied(applied("d9", 1, 1, adds=0, removes=0).model_copy(
+        update={"discarded": True, "applied_at": discarded}))
+    [d9] = board.snapshot()["lists"][0]["syncs"]
+    assert (d9["applied"], d9["discarded"]) == ({"archive": 1}, {"cordial": 1})
+    assert d9["last_at"].startswith("2026-12-01T09:00")
+    [row] = [r for r in render_html(board.snapshot()).split("<tr") if "task-d9" in r]
+    assert "archive 1/1" in row and "cordial discarded" in row
+    assert "cordial: held and discarded by an operator, nothing sent" in row and "archive: held" not in row
+    assert "class='warn'" in row
 
 
 def test_page_escapes_names() -> None:

@@ -24,6 +24,7 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
 
     async def send(self, topic: str, value: bytes | None, key: bytes) -> None:
+        await asyncio.sleep(0)  # a real send hands control back to the loop: other chunks run meanwhile
         self.sent.append((topic, value, key))
 
 
@@ -169,4 +170,41 @@ async def test_the_rails_per_list_locks_are_dropped_once_no_chunk_holds_or_waits
     await asyncio.gather(r._process(item(first)), r._process(item(second)))
     assert sink.applied[500:] == []
     assert [(c.delta.chunk, c.role) for c in r.lists.queue(("acme", "Mass"))] == [(1, "held"), (2, "waiting")]
+    assert r._list_locks == {}
+
+
+async def test_a_lists_lock_makes_later_chunks_wait_for_the_first_ones_hold_and_is_dropped_after() -> None:
+    """Chunk 1 of a delta is held while chunks 2-4 of it already wait on the list's lock: they must see
+    the hold once it is written (and wait behind it), not be applied; a waiter cancelled meanwhile leaves
+    no lock behind, and neither does a chunk that comes after the lock was dropped."""
+    r, sink = runner()
+    gate = asyncio.Event()
+    write_held = r._write_held
+
+    async def slow_write_held(chunk: HeldChunk) -> None:
+        if chunk.delta.chunk == 1:
+            await gate.wait()  # the hold of chunk 1 is on its way to the lists topic
+        await write_held(chunk)
+
+    r._write_held = slow_write_held  # type: ignore[method-assign]
+    chunks = [make_delta("Mass", remove=[f"{n}@x.io"], delta_id="m" * 32, chunk=n, chunks=4) for n in (1, 2, 3, 4)]
+    tasks = [asyncio.create_task(r._process(item(d))) for d in chunks]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    entry = r._list_locks["acme:Mass"]
+    assert entry.users == 4 and entry.lock.locked()
+    tasks[3].cancel()  # chunk 4 gives up while it waits on the lock (e.g. its partition is revoked)
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[3]
+    assert entry.users == 3
+    gate.set()
+    await asyncio.gather(*tasks[:3])
+    assert sink.applied == []
+    assert [(c.delta.chunk, c.role) for c in r.lists.queue(("acme", "Mass"))] == [
+        (1, "held"), (2, "waiting"), (3, "waiting")]
+    assert r._list_locks == {}
+    await r._process(item(chunks[3]))  # chunk 4 again (redelivered), after the lock was dropped
+    assert sink.applied == []
+    assert [(c.delta.chunk, c.role) for c in r.lists.queue(("acme", "Mass"))] == [
+        (1, "held"), (2, "waiting"), (3, "waiting"), (4, "waiting")]
     assert r._list_locks == {}
