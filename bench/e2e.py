@@ -98,6 +98,13 @@ def secret_of(account: str) -> str:
     return SECRET if account == ACCOUNT else f"{SECRET}-{account}"
 
 
+def accounts_toml(simulators: dict[str, str]) -> str:
+    """The accounts file: each account (its simulator's URL) with its own secret, Cordial at its own simulator."""
+    return "".join(f"[accounts.{a}]\nheap_webhook_secrets = ['{secret_of(a)}']\ncordial_api_key = '{API_KEY}'\n"
+                   f"cordial_base_url = '{url}/v2'\nmax_concurrency = 64\nrate_limit_per_second = 1000000\n"
+                   for a, url in simulators.items())
+
+
 def user_id(segment: str, i: int) -> str:
     return f"s{segment}u{i:08d}@e2e.example.com"
 
@@ -396,10 +403,7 @@ class Stack:
                                  topic_partitions=PARTITIONS)
         ensure_topics(self.settings)
         accounts = self.workdir / "accounts.toml"
-        accounts.write_text("".join(
-            f"[accounts.{a}]\nheap_webhook_secrets = ['{secret_of(a)}']\ncordial_api_key = '{API_KEY}'\n"
-            f"cordial_base_url = '{self.sim_url(a)}/v2'\nmax_concurrency = 64\nrate_limit_per_second = 1000000\n"
-            for a in self.accounts))
+        accounts.write_text(accounts_toml({a: self.sim_url(a) for a in self.accounts}))
         self.env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": self.broker.bootstrap,
                     "HEAPSYNC_TOPIC_PREFIX": self.prefix, "HEAPSYNC_TOPIC_PARTITIONS": str(PARTITIONS),
                     "HEAPSYNC_ACCOUNTS_FILE": str(accounts), "HEAPSYNC_PROCESSOR_GROUP": f"{self.prefix}-assembler",
