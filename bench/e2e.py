@@ -594,7 +594,7 @@ def report_ceilings(r: dict[str, Any], ceiling: dict[str, Any] | None, sim_cpu: 
 def warm_up(stack: Stack, timeout: float) -> float:
     """A one-page sync through the whole chain, so group joins and first connections are not measured."""
     t = time.time()
-    plan = SyncPlan(str(uuid.uuid4()), "1", "initial", 3)
+    plan = SyncPlan(str(uuid.uuid4()), "1", "initial", 3, stack.accounts[0])
     run_sync(stack, [plan], 1, timeout)
     return time.time() - t
 
