@@ -3,6 +3,7 @@
     python -m bench e2e                         # 1,000,000 users (make bench runs this)
     python -m bench e2e --users 10000000        # 10M (or HEAPSYNC_BENCH_E2E_USERS=10000000 make bench)
     python -m bench e2e --scale-out             # many large segments: 1 worker + 1 sink vs 2 + 2
+    python -m bench e2e --scale-out --stages    # the same, each stage alone on a backlog already on its topic
     python -m bench e2e --users 20000 --quick   # a smoke run: no ceilings
 
 Every stage is the real process as deployed (``heapsync ingest``, ``heapsync process``, ``heapsync sink``,
@@ -59,6 +60,7 @@ class SyncPlan:
     segment: str
     kind: str
     users: int
+    account: str = ACCOUNT
 
     @property
     def changed(self) -> int:
@@ -91,6 +93,18 @@ class SyncPlan:
         return {user_id(self.segment, i) for i in range(self.changed, self.users + self.changed)}
 
 
+def secret_of(account: str) -> str:
+    """Each account's own webhook secret (the accounts file refuses two accounts sharing one)."""
+    return SECRET if account == ACCOUNT else f"{SECRET}-{account}"
+
+
+def accounts_toml(simulators: dict[str, str]) -> str:
+    """The accounts file: each account (its simulator's URL) with its own secret, Cordial at its own simulator."""
+    return "".join(f"[accounts.{a}]\nheap_webhook_secrets = ['{secret_of(a)}']\ncordial_api_key = '{API_KEY}'\n"
+                   f"cordial_base_url = '{url}/v2'\nmax_concurrency = 64\nrate_limit_per_second = 1000000\n"
+                   for a, url in simulators.items())
+
+
 def user_id(segment: str, i: int) -> str:
     return f"s{segment}u{i:08d}@e2e.example.com"
 
@@ -113,40 +127,54 @@ def interleave(plans: list[SyncPlan]) -> Iterator[tuple[SyncPlan, int]]:
 
 
 def spread_segments(count: int, partitions: int) -> list[str]:
-    """``count`` segment ids whose pages land on different partitions of the pages topic and whose deltas on
-    different partitions of the deltas topic, where the partitions allow it (the ingress keys a page by
-    account:segment, hashed with CRC32 by librdkafka; the worker keys a delta by account:list, murmur2)."""
-    from heapsync.kafka import java_partition
+    """``count`` segment ids of the bench account whose pages land on different partitions of the pages topic and
+    whose deltas on different partitions of the deltas topic, where the partitions allow it."""
+    return [seg for _, seg in spread_keys(count, partitions)]
+
+
+def spread_keys(count: int, partitions: int, own_accounts: bool = False) -> list[tuple[str, str]]:
+    """``count`` (account, segment) pairs spread like :func:`spread_segments` (the ingress keys a page by
+    account:segment, hashed with CRC32 by librdkafka; the worker keys a delta by account:list, murmur2); with
+    ``own_accounts`` each segment belongs to an account of its own (``bench1``, ``bench2``...)."""
 
     def fits(used: dict[int, int], p: int) -> bool:
         return used.get(p, 0) < math.ceil(count / partitions) and (used.get(p, 0) == 0 or len(used) >= partitions)
 
-    chosen: list[str] = []
+    chosen: list[tuple[str, str]] = []
     pages: dict[int, int] = {}
     deltas: dict[int, int] = {}
     n = 0
     while len(chosen) < count:
         seg = str(100 + n)
-        p = page_partition(seg, partitions)
-        d = java_partition(f"{ACCOUNT}:{list_name(seg)}".encode(), partitions)
+        account = f"{ACCOUNT}{len(chosen) + 1}" if own_accounts else ACCOUNT
+        p = page_partition(seg, partitions, account)
+        d = delta_partition(seg, partitions, account)
         if fits(pages, p) and fits(deltas, d):
-            chosen.append(seg)
+            chosen.append((account, seg))
             pages[p] = pages.get(p, 0) + 1
             deltas[d] = deltas.get(d, 0) + 1
         n += 1
     return chosen
 
 
-def page_partition(segment: str, partitions: int) -> int:
+def page_partition(segment: str, partitions: int, account: str = ACCOUNT) -> int:
     """The pages topic's partition of a segment's pages (librdkafka's default partitioner: CRC32 of the key)."""
-    return zlib.crc32(f"{ACCOUNT}:{segment}".encode()) % partitions
+    return zlib.crc32(f"{account}:{segment}".encode()) % partitions
+
+
+def delta_partition(segment: str, partitions: int, account: str = ACCOUNT) -> int:
+    """The deltas topic's partition of a segment's list (the worker's Java-compatible murmur2 of account:list)."""
+    from heapsync.kafka import java_partition
+
+    return java_partition(f"{account}:{list_name(segment)}".encode(), partitions)
 
 
 # ---------------------------------------------------------------- the poster (its own process)
 
 
 async def post_all(url: str, plans: list[SyncPlan], concurrency: int) -> dict[str, Any]:
-    """Sign and post every page, ``concurrency`` at a time; retry 429/503 (the ingress's back-pressure)."""
+    """Sign and post every page to ``url``/its account, ``concurrency`` at a time; retry 429/503 (the ingress's
+    back-pressure)."""
     import aiohttp
     import orjson
 
@@ -171,10 +199,10 @@ async def post_all(url: str, plans: list[SyncPlan], concurrency: int) -> dict[st
                                              segment_id=plan.segment, segment_name=segment_name(plan.segment)))
             for attempt in range(100):
                 headers = {"Content-Type": "application/json",
-                           "Heap-Hash": heap_hash_header(SECRET.encode(), int(time.time() * 1000), body)}
+                           "Heap-Hash": heap_hash_header(secret_of(plan.account).encode(), int(time.time() * 1000), body)}
                 if not first:
                     first = time.time()
-                async with session.post(url, data=body, headers=headers) as resp:
+                async with session.post(f"{url}/{plan.account}", data=body, headers=headers) as resp:
                     await resp.read()
                     statuses[resp.status] = statuses.get(resp.status, 0) + 1
                     if resp.status < 300:
@@ -347,53 +375,50 @@ def reset_peak_rss(pid: int) -> None:
 
 @dataclass
 class Stack:
-    """The broker's address, the simulator and every stage as a process, with the environment they share."""
+    """The broker's address, the simulators and every stage as a process, with the environment they share.
+
+    Each of ``accounts`` has a Cordial simulator process of its own (its ``cordial_base_url``), so many segments
+    of many accounts are not all served by one simulator's event loop."""
 
     broker: Any
     workdir: Path
     workers: int = 1
     sinks: int = 1
     import_step: float = 0.0
+    accounts: tuple[str, ...] = (ACCOUNT,)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
-    def start(self) -> None:
+    def start(self, stages: bool = True) -> None:
+        """The simulators and the ingress; the workers and sinks too unless ``stages`` is false (then
+        :meth:`start_workers` and :meth:`start_sinks` start them later, on what is already on the topics)."""
         from heapsync.kafka import ensure_topics
         from heapsync.settings import Settings
-        from heapsync_dev.processes import die_with_parent, free_port, wait_for_port
+        from heapsync_dev.processes import free_port, wait_for_port
 
         self.prefix = f"e2e{uuid.uuid4().hex[:8]}"
-        self.sim_port, self.port = free_port(), free_port()
-        self.sim_url = f"http://127.0.0.1:{self.sim_port}"
+        self.sim_ports = {a: free_port() for a in self.accounts}
+        self.port = free_port()
         self.settings = Settings(kafka_bootstrap=self.broker.bootstrap, topic_prefix=self.prefix,
                                  topic_partitions=PARTITIONS)
         ensure_topics(self.settings)
         accounts = self.workdir / "accounts.toml"
-        accounts.write_text(f"[accounts.{ACCOUNT}]\nheap_webhook_secrets = ['{SECRET}']\ncordial_api_key = '{API_KEY}'\n"
-                            f"cordial_base_url = '{self.sim_url}/v2'\nmax_concurrency = 64\n"
-                            "rate_limit_per_second = 1000000\n")
+        accounts.write_text(accounts_toml({a: self.sim_url(a) for a in self.accounts}))
         self.env = {**os.environ, "HEAPSYNC_KAFKA_BOOTSTRAP": self.broker.bootstrap,
                     "HEAPSYNC_TOPIC_PREFIX": self.prefix, "HEAPSYNC_TOPIC_PARTITIONS": str(PARTITIONS),
                     "HEAPSYNC_ACCOUNTS_FILE": str(accounts), "HEAPSYNC_PROCESSOR_GROUP": f"{self.prefix}-assembler",
                     "HEAPSYNC_SINK_GROUP": f"{self.prefix}-sink", "HEAPSYNC_ADMIN_PORT": str(free_port()),
                     "HEAPSYNC_LOG_LEVEL": os.environ.get("BENCH_E2E_LOG_LEVEL", "WARNING"),
                     "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-
-        def start(name: str, *args: str, **extra: str) -> None:
-            log = open(self.workdir / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "heapsync_ops.cli", *args],
-                                                env={**self.env, **extra}, stdout=log, stderr=subprocess.STDOUT,
-                                                preexec_fn=die_with_parent)
-
-        start("simulator", "simulator", "--port", str(self.sim_port), "--account", f"{ACCOUNT}={API_KEY}",
-              "--import-step", str(self.import_step))
-        start("ingest", "ingest", "--port", str(self.port))
-        for w in range(self.workers):
-            start(f"worker{w + 1}", "process", HEAPSYNC_PROCESSOR_DATA_DIR=str(self.workdir / f"processor{w + 1}"))
-        for s in range(self.sinks):
-            start(f"sink{s + 1}", "sink")
-        wait_for_port("127.0.0.1", self.sim_port, 30)
-        wait_for_port("127.0.0.1", self.port, 30)
+        for a in self.accounts:
+            self._start(self.simulator_name(a), "simulator", "--port", str(self.sim_ports[a]), "--account",
+                        f"{a}={API_KEY}", "--import-step", str(self.import_step))
+        self._start("ingest", "ingest", "--port", str(self.port))
+        if stages:
+            self.start_workers()
+            self.start_sinks()
+        for port in (*self.sim_ports.values(), self.port):
+            wait_for_port("127.0.0.1", port, 30)
         from bench.assembler import DeltaWatcher
 
         self.deltas = DeltaWatcher(self.broker.bootstrap, self.settings.topics.deltas)
@@ -401,9 +426,32 @@ class Stack:
         self.deltas.start()
         self.progress.start()
 
+    def _start(self, name: str, *args: str, **extra: str) -> None:
+        from heapsync_dev.processes import die_with_parent
+
+        log = open(self.workdir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "heapsync_ops.cli", *args],
+                                            env={**self.env, **extra}, stdout=log, stderr=subprocess.STDOUT,
+                                            preexec_fn=die_with_parent)
+
+    def start_workers(self) -> None:
+        for w in range(self.workers):
+            self._start(f"worker{w + 1}", "process", HEAPSYNC_PROCESSOR_DATA_DIR=str(self.workdir / f"processor{w + 1}"))
+
+    def start_sinks(self) -> None:
+        for s in range(self.sinks):
+            self._start(f"sink{s + 1}", "sink")
+
+    def simulator_name(self, account: str) -> str:
+        """``simulator`` (one account), else ``simulator1``, ``simulator2``... in the accounts' order."""
+        return "simulator" if len(self.accounts) == 1 else f"simulator{self.accounts.index(account) + 1}"
+
+    def sim_url(self, account: str = ACCOUNT) -> str:
+        return f"http://127.0.0.1:{self.sim_ports[account]}"
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/heap/listMembership/{ACCOUNT}"
+        return f"http://127.0.0.1:{self.port}/heap/listMembership"
 
     def alive(self) -> None:
         dead = [n for n, p in self.procs.items() if p.poll() is not None]
@@ -416,8 +464,19 @@ class Stack:
 
         return {**{n: p.pid for n, p in self.procs.items()}, "broker": broker_pid(self.broker)}
 
+    def signal(self, stage: str, sig: int) -> None:
+        """``sig`` to every process of ``stage`` (``worker``, ``sink``): SIGSTOP pauses one, SIGCONT resumes it."""
+        for name, proc in self.procs.items():
+            if name.rstrip("0123456789") == stage and proc.poll() is None:
+                os.kill(proc.pid, sig)
+
     def stop(self) -> None:
+        import signal
+
         from heapsync_dev.processes import stop_process
+
+        for stage in ("worker", "sink"):  # a paused process would not see its SIGTERM
+            self.signal(stage, signal.SIGCONT)
 
         for w in (getattr(self, "deltas", None), getattr(self, "progress", None)):
             if w is not None:
@@ -428,11 +487,12 @@ class Stack:
             if w is not None:
                 w.join(5)
 
-    def members(self) -> dict[str, list[str]]:
+    def members(self, account: str = ACCOUNT) -> dict[str, list[str]]:
+        """The members of every list of ``account``, from its simulator."""
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.sim_url}/_sim/lists", timeout=600) as resp:
-            return dict(json.loads(resp.read()).get(ACCOUNT, {}))
+        with urllib.request.urlopen(f"{self.sim_url(account)}/_sim/lists", timeout=600) as resp:
+            return dict(json.loads(resp.read()).get(account, {}))
 
     def high_watermarks(self, topic: str) -> dict[int, int]:
         from confluent_kafka import Consumer, TopicPartition
@@ -459,7 +519,7 @@ def run_sync(stack: Stack, plans: list[SyncPlan], concurrency: int, timeout: flo
     cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
     starts = stack.high_watermarks(stack.settings.topics.pages)
     posted = run_poster(stack.url, plans, concurrency, stack.env)
-    ids = [delta_id_for(ACCOUNT, p.sync_id) for p in plans]
+    ids = [delta_id_for(p.account, p.sync_id) for p in plans]
     last_chunk = max(stack.deltas.wait(d, timeout) for d in ids)
     cpu_mid = {n: cpu_seconds(p) for n, p in pids.items()}  # the import stretch's CPU starts here
     last_import = max(stack.progress.wait(d, timeout, stack.alive) for d in ids)
@@ -477,13 +537,13 @@ def run_sync(stack: Stack, plans: list[SyncPlan], concurrency: int, timeout: flo
 
 def check_exact(stack: Stack, plans: list[SyncPlan]) -> str:
     """Every list's members are exactly the expected set; raises with the difference's size otherwise."""
-    lists = stack.members()
+    lists = {a: stack.members(a) for a in {p.account for p in plans}}
     for plan in plans:
-        got = set(lists.get(list_name(plan.segment), ()))
+        got = set(lists[plan.account].get(list_name(plan.segment), ()))
         want = plan.expected()
         if got != want:
-            raise AssertionError(f"{list_name(plan.segment)}: {len(want - got)} missing, {len(got - want)} extra "
-                                 f"of {len(want)}")
+            raise AssertionError(f"{plan.account} {list_name(plan.segment)}: {len(want - got)} missing, "
+                                 f"{len(got - want)} extra of {len(want)}")
     return f"exact ({sum(len(p.expected()) for p in plans):,} memberships checked)"
 
 
@@ -534,7 +594,7 @@ def report_ceilings(r: dict[str, Any], ceiling: dict[str, Any] | None, sim_cpu: 
 def warm_up(stack: Stack, timeout: float) -> float:
     """A one-page sync through the whole chain, so group joins and first connections are not measured."""
     t = time.time()
-    plan = SyncPlan(str(uuid.uuid4()), "1", "initial", 3)
+    plan = SyncPlan(str(uuid.uuid4()), "1", "initial", 3, stack.accounts[0])
     run_sync(stack, [plan], 1, timeout)
     return time.time() - t
 
@@ -587,28 +647,34 @@ def bench_sizes(kind: str, users: int, followup: bool, ceilings: bool, concurren
     return out
 
 
+def scale_out_keys(users: int, segments: int) -> list[tuple[str, str]]:
+    """The scale-out runs' (account, segment) pairs, each segment in an account (and simulator) of its own; prints
+    where their pages and lists land."""
+    keys = spread_keys(segments, PARTITIONS, own_accounts=True)
+    parts = sorted(page_partition(s, PARTITIONS, a) for a, s in keys)
+    dparts = sorted(delta_partition(s, PARTITIONS, a) for a, s in keys)
+    print(f"[e2e] scale-out: {segments} segments of {users // segments:,} users, each in its own account with its own "
+          f"Cordial simulator process; pages topic partitions {parts}, deltas topic partitions {dparts} of "
+          f"{PARTITIONS}. One segment is one partition (its pages are keyed by account:segment, in order), so one "
+          "huge segment runs on one worker and its list on one sink replica whatever the replicas", flush=True)
+    return keys
+
+
 def bench_scale_out(kind: str, users: int, segments: int, concurrency: int, timeout: float,
                     import_step: float) -> float:
     """The same initial syncs of ``segments`` segments on 1 worker + 1 sink, then on 2 + 2: the speed-up."""
     from bench.brokers import label, open_broker
 
-    segs = spread_segments(segments, PARTITIONS)
-    from heapsync.kafka import java_partition
-
-    parts = sorted(page_partition(s, PARTITIONS) for s in segs)
-    dparts = sorted(java_partition(f"{ACCOUNT}:{list_name(s)}".encode(), PARTITIONS) for s in segs)
-    print(f"[e2e] scale-out: {segments} segments of {users // segments:,} users, pages topic partitions {parts}, "
-          f"deltas topic partitions {dparts} of {PARTITIONS}. One segment is one partition (its pages are keyed by "
-          "account:segment, in order), so one huge segment runs on one worker and its list on one sink replica "
-          "whatever the replicas", flush=True)
+    keys = scale_out_keys(users, segments)
     seconds: dict[tuple[int, int], float] = {}
     for workers, sinks in ((1, 1), (2, 2)):
         with tempfile.TemporaryDirectory(prefix="heapsync-e2e-") as tmp, open_broker(kind, Path(tmp)) as broker:
-            stack = Stack(broker, Path(tmp), workers=workers, sinks=sinks, import_step=import_step)
+            stack = Stack(broker, Path(tmp), workers=workers, sinks=sinks, import_step=import_step,
+                          accounts=tuple(a for a, _ in keys))
             try:
                 stack.start()
                 warm_up(stack, timeout)
-                plans = [SyncPlan(str(uuid.uuid4()), s, "initial", users // segments) for s in segs]
+                plans = [SyncPlan(str(uuid.uuid4()), s, "initial", users // segments, a) for a, s in keys]
                 r = run_sync(stack, plans, concurrency, timeout)
                 report(f"{workers} worker(s) + {sinks} sink(s) on {label(kind)}", r, None, None,
                        check_exact(stack, plans))
@@ -619,6 +685,107 @@ def bench_scale_out(kind: str, users: int, segments: int, concurrency: int, time
     print(f"[e2e] scale-out: 2 workers + 2 sinks are {ratio:.2f}x as fast as 1 + 1 ({seconds[(1, 1)]:.1f} s -> "
           f"{seconds[(2, 2)]:.1f} s; 2 shared cores)", flush=True)
     return ratio
+
+
+def measure_stage(stack: Stack, stage: str, probes: list[str], deltas: list[str], ids: int,
+                  timeout: float) -> dict[str, Any]:
+    """Time a stage on a backlog already on its topic, from starting its processes (or, when they run already and
+    are paused, resuming them) to every one of ``deltas`` done (``worker``: its last chunk on the deltas topic;
+    ``sink``: its last import done). ``probes``: one-id syncs posted first on every partition; the first done
+    marks the end of the start (interpreters, the group join), from which the work and its CPU are counted."""
+    import signal
+
+    from bench.brokers import cpu_seconds
+
+    watcher = stack.deltas if stage == "worker" else stack.progress
+
+    def done(delta_id: str) -> float:
+        if stage == "worker":
+            return stack.deltas.wait(delta_id, timeout)
+        return stack.progress.wait(delta_id, timeout, stack.alive)
+
+    load = os.getloadavg()[0]
+    resume = any(n.rstrip("0123456789") == stage for n in stack.procs)
+    cpu0 = {n: cpu_seconds(p) for n, p in stack.pids().items()}
+    t0 = time.time()
+    if resume:
+        stack.signal(stage, signal.SIGCONT)
+    else:
+        (stack.start_workers if stage == "worker" else stack.start_sinks)()
+    deadline = time.monotonic() + timeout
+    while probes and not any(d in watcher.done_at for d in probes):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {stage} came up in {timeout:.0f} s")
+        time.sleep(0.02)
+    now = {n: cpu_seconds(p) for n, p in stack.pids().items()}
+    cpu0 = now if probes else {**now, **cpu0}  # from the first probe on, or from the resume
+    up = min((watcher.done_at[d] for d in probes if d in watcher.done_at), default=t0)
+    last = max(done(d) for d in [*probes, *deltas])
+    cpu = {n: cpu_seconds(p) - cpu0[n] for n, p in stack.pids().items()}
+    return {"seconds": last - t0, "up": up - t0, "work": last - up, "cpu": cpu, "ids": ids, "resumed": resume,
+            "load": (load, os.getloadavg()[0])}
+
+
+def report_stage(title: str, r: dict[str, Any]) -> None:
+    per_m = 1e6 / r["ids"]
+    wall = max(r["work"], 1e-9)
+    start = "resumed" if r["resumed"] else f"started; first probe done after {r['up']:.1f} s (interpreters, group join)"
+    print(f"  {title}: {r['seconds']:.1f} s ({start}; then {r['work']:.1f} s of work); all processes used "
+          f"{sum(r['cpu'].values()) / wall:.2f} cores of 2 over that work; load average "
+          f"{r['load'][0]:.2f} before, {r['load'][1]:.2f} after", flush=True)
+    for name in sorted(r["cpu"]):
+        print(f"    {name:<11} CPU {r['cpu'][name] * per_m:6.1f} s per million ids "
+              f"({r['cpu'][name] / wall:.0%} of a core)", flush=True)
+
+
+def bench_stages(kind: str, users: int, segments: int, concurrency: int, timeout: float,
+                 import_step: float) -> dict[str, float]:
+    """The replay-after-outage case, one stage at a time, 1 then 2 of each: the workers, up and paused (SIGSTOP)
+    while every page is posted, resume and assemble them (no sink runs); then the sinks start on every delta
+    already on the deltas topic. Whether heapsync's own stages scale when they, not the poster, the ingress or
+    the stand-in, are the bottleneck."""
+    import signal
+
+    from bench.brokers import label, open_broker
+    from heapsync.contracts import delta_id_for
+
+    keys = scale_out_keys(users, segments)
+    found: dict[str, dict[int, dict[str, Any]]] = {"worker": {}, "sink": {}}
+    for n in (1, 2):
+        with tempfile.TemporaryDirectory(prefix="heapsync-e2e-") as tmp, open_broker(kind, Path(tmp)) as broker:
+            stack = Stack(broker, Path(tmp), workers=n, sinks=n, import_step=import_step,
+                          accounts=tuple(a for a, _ in keys))
+            try:
+                stack.start(stages=False)
+                stack.start_workers()
+                probes = [SyncPlan(str(uuid.uuid4()), s, "initial", 1, a) for a, s in keys]
+                plans = [SyncPlan(str(uuid.uuid4()), s, "initial", users // segments, a) for a, s in keys]
+                run_poster(stack.url, probes, concurrency, stack.env)  # first on each of the segments' partitions
+                pids = [delta_id_for(p.account, p.sync_id) for p in probes]
+                t0 = time.time()
+                ready = max(stack.deltas.wait(d, timeout) for d in pids) - t0
+                stack.signal("worker", signal.SIGSTOP)
+                posted = run_poster(stack.url, plans, concurrency, stack.env)
+                ids = sum(p.ids for p in plans)
+                print(f"[e2e] stages, {n} of each on {label(kind)}: worker(s) up after {ready:.1f} s, then paused; "
+                      f"{ids:,} ids posted in {posted['last'] - posted['first']:.1f} s; no sink running yet",
+                      flush=True)
+                dids = [delta_id_for(p.account, p.sync_id) for p in plans]
+                found["worker"][n] = measure_stage(stack, "worker", [], dids, ids, timeout)
+                report_stage(f"{n} worker(s), pages already on the topic -> last delta chunk", found["worker"][n])
+                found["sink"][n] = measure_stage(stack, "sink", pids, dids, ids, timeout)
+                report_stage(f"{n} sink(s), deltas already on the topic -> last import done", found["sink"][n])
+                print(f"  {check_exact(stack, plans)}", flush=True)
+            finally:
+                stack.stop()
+    ratios = {}
+    for stage, by_n in found.items():
+        one, two = by_n[1], by_n[2]
+        ratios[stage] = one["work"] / max(two["work"], 1e-9)
+        print(f"[e2e] stages: 2 {stage}s are {ratios[stage]:.2f}x as fast as 1 at the work ({one['work']:.1f} s -> "
+              f"{two['work']:.1f} s), {one['seconds'] / two['seconds']:.2f}x counting their start "
+              f"({one['seconds']:.1f} s -> {two['seconds']:.1f} s); 2 shared cores", flush=True)
+    return ratios
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -643,6 +810,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="no ceilings (a smoke run)")
     parser.add_argument("--scale-out", action="store_true",
                         help="instead: many large segments on 1 worker + 1 sink, then on 2 + 2, and the ratio")
+    parser.add_argument("--stages", action="store_true",
+                        help="with --scale-out: each stage alone on a backlog already on its topic (pages before any "
+                             "worker starts, deltas before any sink starts), 1 vs 2 of each")
     parser.add_argument("--segments", type=int, default=6, help="segments of the scale-out run (default 6)")
     parser.add_argument("--concurrency", type=int, default=8, help="pages posted at once (default 8)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a sync may take (default 1800)")
@@ -653,6 +823,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.users < 1 or args.segments < 1 or args.concurrency < 1:
         parser.error("--users, --segments and --concurrency must be at least 1")
+    if args.stages and not args.scale_out:
+        parser.error("--stages goes with --scale-out")
     return args
 
 
@@ -670,7 +842,10 @@ def main(argv: list[str] | None = None) -> None:
                      spec["pages"])
         return
     kinds = brokers_from_args(args.broker)
-    if args.scale_out:
+    if args.scale_out and args.stages:
+        run_each("e2e", kinds, lambda kind: bench_stages(kind, args.users, args.segments, args.concurrency,
+                                                        args.timeout, args.import_step))
+    elif args.scale_out:
         run_each("e2e", kinds, lambda kind: bench_scale_out(kind, args.users, args.segments, args.concurrency,
                                                            args.timeout, args.import_step))
     else:

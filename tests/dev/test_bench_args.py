@@ -88,7 +88,16 @@ def test_e2e_runs_1m_by_default_and_the_size_from_the_option_or_the_environment(
     monkeypatch.setenv(USERS_ENV, "10000000")  # how `make bench` runs 10M
     assert parse_args([]).users == 10_000_000
     scale = parse_args(["--scale-out", "--segments", "8", "--broker", "tansu"])
-    assert (scale.scale_out, scale.segments, scale.broker) == (True, 8, "tansu")
+    assert (scale.scale_out, scale.segments, scale.broker, scale.stages) == (True, 8, "tansu", False)
+    assert parse_args(["--scale-out", "--stages"]).stages
+
+
+def test_e2e_stages_goes_with_scale_out(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.e2e import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--stages"])
+    assert "--stages goes with --scale-out" in capsys.readouterr().err
 
 
 def test_e2e_refuses_a_size_of_zero(capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,3 +152,27 @@ def test_many_segments_are_posted_together_and_spread_over_the_partitions() -> N
     assert len({zlib.crc32(f"{ACCOUNT}:{s}".encode()) % 6 for s in segments}) == 6  # pages: one worker's share each
     assert len({java_partition(f"{ACCOUNT}:{list_name(s)}".encode(), 6) for s in segments}) == 6  # deltas: the sinks'
     assert len(spread_segments(8, 6)) == 8  # more segments than partitions: some share one
+
+
+def test_scale_out_segments_each_have_an_account_and_a_simulator_of_their_own() -> None:
+    from bench.e2e import ACCOUNT, SyncPlan, accounts_toml, delta_partition, page_partition, spread_keys
+    from heapsync.settings import parse_accounts
+
+    keys = spread_keys(6, 6, own_accounts=True)
+    assert len({a for a, _ in keys}) == 6 and ACCOUNT not in {a for a, _ in keys}
+    assert len({page_partition(s, 6, a) for a, s in keys}) == 6  # one worker's share each
+    assert len({delta_partition(s, 6, a) for a, s in keys}) == 6  # one sink's share each
+    sims = {a: f"http://127.0.0.1:{9000 + n}" for n, (a, _) in enumerate(keys)}
+    accounts = parse_accounts(accounts_toml(sims))  # what the stages load: distinct secrets, each its own Cordial
+    assert {a: acc.cordial_base_url for a, acc in accounts.items()} == {a: f"{u}/v2" for a, u in sims.items()}
+    plan = SyncPlan("s", keys[0][1], "initial", 10, keys[0][0])  # the poster's child reads the plan back
+    assert SyncPlan(**plan.__dict__) == plan and plan.account == keys[0][0]
+    assert SyncPlan("s", "7", "initial", 10).account == ACCOUNT  # the default e2e: one account, as before
+
+
+def test_the_default_e2e_keeps_one_simulator_process_named_as_before() -> None:
+    from bench.e2e import ACCOUNT, Stack
+
+    assert Stack(None, Path(".")).accounts == (ACCOUNT,)
+    assert Stack(None, Path(".")).simulator_name(ACCOUNT) == "simulator"  # its CPU line is the simulator ceiling's
+    assert Stack(None, Path("."), accounts=("bench1", "bench2")).simulator_name("bench2") == "simulator2"
